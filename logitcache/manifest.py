@@ -1,0 +1,274 @@
+"""The manifest: the JSON commit marker that describes a whole cache.
+
+Parsing treats the file as untrusted input: every field is type- and range-checked, shard paths
+must stay inside the cache, and totals must add up, before anything is opened or allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .format import (
+    CHECKSUM_ALGORITHM,
+    FORMAT_MAJOR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MANIFEST_NAME,
+    MAX_K,
+    MAX_MANIFEST_BYTES,
+    MAX_VOCAB_SIZE,
+    PARTIAL_DIR,
+    POSITIONS_MODES,
+    TRAILER_SIZE,
+    CacheError,
+    CorruptCacheError,
+    IncompatibleVersionError,
+    NoCacheError,
+)
+from .storage import check_relative_path, open_store
+
+_CHECKSUM_RE = re.compile(r"^xxh3_64:[0-9a-f]{16}$")
+_MAX_COUNT = 1 << 53  # integers JSON readers keep exactly
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    path: str
+    records: int
+    tokens: int
+    targets: int
+    bytes: int
+    checksum: str
+    chunk_records: list[int]
+
+
+@dataclass
+class Manifest:
+    k: int
+    vocab_size: int
+    positions: str
+    shards: list[ShardEntry]
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher: dict[str, Any] | None = None
+    tokenizer: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: str = FORMAT_VERSION
+    created_by: str = ""
+    created_at: str = ""
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def targets(self) -> int:
+        return sum(s.targets for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "k": self.k,
+            "vocab_size": self.vocab_size,
+            "positions": self.positions,
+            "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "columns": self.columns,
+            "teacher": self.teacher,
+            "tokenizer": self.tokenizer,
+            "metadata": self.metadata,
+            "records": self.records,
+            "tokens": self.tokens,
+            "targets": self.targets,
+            "bytes": self.bytes,
+            "shards": [asdict(s) for s in self.shards],
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+        }
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n").encode()
+
+    @classmethod
+    def loads(cls, data: bytes, *, source: str = MANIFEST_NAME) -> Manifest:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCacheError(
+                f"{source}: not valid UTF-8 JSON ({exc}); the manifest is corrupt: "
+                "re-download it or re-run the job that wrote the cache"
+            ) from None
+        return cls.from_json(obj, source=source)
+
+    @classmethod
+    def from_json(cls, obj: Any, *, source: str = MANIFEST_NAME) -> Manifest:
+        check = _Checker(source)
+        check.that(isinstance(obj, dict), "top level must be a JSON object")
+        check.that(obj.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}")
+        version = obj.get("format_version")
+        match = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+        check.that(match is not None, f"'format_version' {version!r} must look like '1.0'")
+        if int(match.group(1)) != FORMAT_MAJOR:
+            raise IncompatibleVersionError(
+                f"{source}: format version {version} has major {match.group(1)}, this reader "
+                f"reads major {FORMAT_MAJOR}; use a logitcache release that supports it"
+            )
+        k = check.int_field(obj, "k", 1, MAX_K)
+        vocab = check.int_field(obj, "vocab_size", 1, MAX_VOCAB_SIZE)
+        check.that(k <= vocab, f"'k' {k} exceeds 'vocab_size' {vocab}")
+        positions = obj.get("positions")
+        check.that(positions in POSITIONS_MODES, f"'positions' must be one of {POSITIONS_MODES}")
+        shards_obj = obj.get("shards")
+        check.that(isinstance(shards_obj, list), "'shards' must be a list")
+        shards = [check.shard(i, s) for i, s in enumerate(shards_obj)]
+        check.that(len({s.path for s in shards}) == len(shards), "two shards have the same path")
+        for key in ("records", "tokens", "targets", "bytes"):
+            if key in obj:
+                total = sum(getattr(s, key) for s in shards)
+                check.that(obj[key] == total, f"'{key}' {obj[key]!r} != sum over shards {total}")
+        for key in ("teacher", "tokenizer"):
+            check.that(
+                obj.get(key) is None or isinstance(obj.get(key), dict),
+                f"'{key}' must be an object or null",
+            )
+        columns = obj.get("columns") or {}
+        metadata = obj.get("metadata") or {}
+        check.that(isinstance(columns, dict), "'columns' must be an object")
+        check.that(isinstance(metadata, dict), "'metadata' must be an object")
+        return cls(
+            k=k,
+            vocab_size=vocab,
+            positions=positions,
+            shards=shards,
+            columns=columns,
+            teacher=obj.get("teacher"),
+            tokenizer=obj.get("tokenizer"),
+            metadata=metadata,
+            format_version=version,
+            created_by=str(obj.get("created_by", "")),
+            created_at=str(obj.get("created_at", "")),
+        )
+
+
+class _Checker:
+    """Collects the source name so every validation error names the manifest and field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def that(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise CorruptCacheError(
+                f"{self.source}: {message}; the manifest is invalid: re-download it or "
+                "re-run the job that wrote the cache"
+            )
+
+    def int_field(self, obj: dict, key: str, low: int, high: int, where: str = "") -> int:
+        value = obj.get(key)
+        self.that(
+            isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+            f"{where}'{key}' = {value!r} must be an integer in [{low}, {high}]",
+        )
+        return value
+
+    def shard(self, index: int, obj: Any) -> ShardEntry:
+        where = f"shard {index}: "
+        self.that(isinstance(obj, dict), f"{where}must be an object")
+        path = obj.get("path")
+        try:
+            check_relative_path(path, what=f"shard {index} path")
+        except CacheError as exc:
+            self.that(False, str(exc))
+        ints = {
+            key: self.int_field(obj, key, 0, _MAX_COUNT, where)
+            for key in ("records", "tokens", "targets", "bytes")
+        }
+        self.that(ints["bytes"] >= HEADER_SIZE + TRAILER_SIZE, f"{where}'bytes' is too small")
+        self.that(ints["tokens"] >= ints["records"], f"{where}fewer tokens than records")
+        checksum = obj.get("checksum")
+        self.that(
+            isinstance(checksum, str) and _CHECKSUM_RE.match(checksum) is not None,
+            f"{where}'checksum' {checksum!r} must be 'xxh3_64:' and 16 hex digits",
+        )
+        chunks = obj.get("chunk_records")
+        self.that(
+            isinstance(chunks, list)
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunks)
+            and sum(chunks) == ints["records"],
+            f"{where}'chunk_records' must be positive integers summing to 'records'",
+        )
+        return ShardEntry(path=path, checksum=checksum, chunk_records=list(chunks), **ints)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(store, *, name: str = MANIFEST_NAME) -> Manifest:
+    """Read and validate a manifest from a store; NoCacheError if it is not there."""
+    try:
+        data = store.read_bytes(name, max_bytes=MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise NoCacheError(
+            f"no committed cache at {store.url}: {name} is missing (a writer that did not "
+            "finish leaves none); check the URL or re-run the job that writes the cache"
+        ) from None
+    return Manifest.loads(data, source=f"{store.url}/{name}")
+
+
+def partial_manifest_name(rank: int) -> str:
+    return f"{PARTIAL_DIR}/rank-{rank:05d}.json"
+
+
+def merge_partials(url: str, storage_options: dict | None = None) -> Manifest:
+    """Join the partial manifests of distributed writers into one committed manifest.json.
+
+    Ranks must agree on k, vocab size, positions mode, teacher and tokenizer; shards are
+    ordered by rank, so the record order is rank 0's records, then rank 1's, and so on.
+    """
+    store = open_store(url, storage_options)
+    names = [n for n in store.list(PARTIAL_DIR) if n.endswith(".json")]
+    if not names:
+        raise NoCacheError(
+            f"{store.url}: no partial manifests under {PARTIAL_DIR}/; run the writers with "
+            "rank=... first (each finished rank writes one)"
+        )
+    parts = [
+        Manifest.loads(store.read_bytes(n, max_bytes=MAX_MANIFEST_BYTES), source=n)
+        for n in sorted(names)
+    ]
+    first = parts[0]
+    for name, part in zip(sorted(names), parts, strict=True):
+        for key in ("k", "vocab_size", "positions", "teacher", "tokenizer"):
+            if getattr(part, key) != getattr(first, key):
+                raise CacheError(
+                    f"{store.url}/{name}: {key} {getattr(part, key)!r} differs from "
+                    f"{sorted(names)[0]} ({getattr(first, key)!r}); these ranks did not write "
+                    "the same cache: re-run them with one configuration"
+                )
+    merged = Manifest(
+        k=first.k,
+        vocab_size=first.vocab_size,
+        positions=first.positions,
+        shards=[s for part in parts for s in part.shards],
+        columns=first.columns,
+        teacher=first.teacher,
+        tokenizer=first.tokenizer,
+        metadata={**first.metadata, "ranks": len(parts)},
+        created_by=first.created_by,
+        created_at=now_iso(),
+    )
+    store.write_bytes(MANIFEST_NAME, merged.dumps())
+    return merged

@@ -1,0 +1,437 @@
+"""One shard file: a header, chunks of column blocks, a JSON footer and a fixed trailer.
+
+ShardBuilder writes one; ShardFile memory-maps one, validates its footer against the manifest
+before decoding anything, and decodes a chunk at a time (spec/FORMAT.md, "Shard files").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from .codecs import CodecError, Pipeline
+from .format import (
+    BLOCK_ALIGN,
+    COL_INPUT_IDS,
+    COL_LOSS_MASK,
+    COL_RECORD_LENGTHS,
+    COL_SAMPLE_ID_BYTES,
+    COL_SAMPLE_ID_LENGTHS,
+    COL_TOPK_IDS,
+    COL_TOPK_LOGPROBS,
+    COLUMN_DTYPES,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MAX_BLOCK_RAW_BYTES,
+    MAX_FOOTER_BYTES,
+    MAX_SAMPLE_ID_BYTES,
+    OPTIONAL_COLUMNS,
+    POSITIONS_ALL,
+    REQUIRED_COLUMNS,
+    SHARD_MAGIC,
+    TRAILER_SIZE,
+    CorruptCacheError,
+    IncompatibleVersionError,
+)
+
+_HEADER = struct.Struct("<8sHHI")
+_TRAILER = struct.Struct("<QQ8s")
+COLUMN_ORDER = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+_FIX = "the file is corrupt: re-download it, or re-write the cache"
+
+
+def checksum_hex(data) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    data: bytes
+    raw_length: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    records: int
+    tokens: int
+    targets: int
+    blocks: dict[str, EncodedBlock]
+
+
+def encode_chunk(
+    columns: dict[str, np.ndarray],
+    pipelines: dict[str, Pipeline],
+    *,
+    records: int,
+    tokens: int,
+    targets: int,
+) -> EncodedChunk:
+    """Encode each column of a chunk with its pipeline (runs on writer threads)."""
+    blocks = {}
+    for name in COLUMN_ORDER:
+        if name not in columns:
+            continue
+        array = np.ascontiguousarray(columns[name], dtype=COLUMN_DTYPES[name])
+        data = pipelines[name].encode(array)
+        blocks[name] = EncodedBlock(data, array.nbytes, checksum_hex(data))
+    return EncodedChunk(records, tokens, targets, blocks)
+
+
+class ShardBuilder:
+    """Writes one shard file sequentially; the whole-file checksum is computed on the way."""
+
+    def __init__(self, path: str, *, k: int, vocab_size: int, positions: str, pipelines):
+        self.path = path
+        self.k, self.vocab_size, self.positions = k, vocab_size, positions
+        self.pipelines = pipelines
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self._hash = xxhash.xxh3_64()
+        self._offset = 0
+        self._chunks: list[dict] = []
+        self.records = self.tokens = self.targets = 0
+        self._write(_HEADER.pack(SHARD_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0))
+
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
+
+    @property
+    def chunk_records(self) -> list[int]:
+        return [c["records"] for c in self._chunks]
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._offset += len(data)
+
+    def add_chunk(self, chunk: EncodedChunk) -> None:
+        blocks = {}
+        for name, block in chunk.blocks.items():
+            pad = -self._offset % BLOCK_ALIGN
+            if pad:
+                self._write(b"\0" * pad)
+            blocks[name] = {
+                "offset": self._offset,
+                "length": len(block.data),
+                "raw_length": block.raw_length,
+                "checksum": block.checksum,
+            }
+            self._write(block.data)
+        self._chunks.append(
+            {
+                "records": chunk.records,
+                "tokens": chunk.tokens,
+                "targets": chunk.targets,
+                "blocks": blocks,
+            }
+        )
+        self.records += chunk.records
+        self.tokens += chunk.tokens
+        self.targets += chunk.targets
+
+    def finish(self) -> tuple[int, str]:
+        """Write footer and trailer, flush to disk; returns (file size, whole-file checksum)."""
+        used = {name for c in self._chunks for name in c["blocks"]}
+        footer = {
+            "format_version": FORMAT_VERSION,
+            "k": self.k,
+            "vocab_size": self.vocab_size,
+            "positions": self.positions,
+            "columns": {
+                name: {
+                    "dtype": COLUMN_DTYPES[name].str,
+                    "codecs": self.pipelines[name].get_config(),
+                }
+                for name in COLUMN_ORDER
+                if name in used or name in REQUIRED_COLUMNS
+            },
+            "records": self.records,
+            "tokens": self.tokens,
+            "targets": self.targets,
+            "chunks": self._chunks,
+        }
+        pad = -self._offset % BLOCK_ALIGN
+        if pad:
+            self._write(b"\0" * pad)
+        data = json.dumps(footer, separators=(",", ":")).encode()
+        self._write(data)
+        self._write(_TRAILER.pack(len(data), xxhash.xxh3_64_intdigest(data), SHARD_MAGIC))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._offset, f"xxh3_64:{self._hash.hexdigest()}"
+
+    def abort(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+
+@dataclass
+class DecodedChunk:
+    """The columns of one chunk plus the offsets that cut them into records."""
+
+    token_starts: np.ndarray  # int64 [R + 1]
+    target_starts: np.ndarray  # int64 [R + 1]
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    topk_ids: np.ndarray  # [n, K]
+    topk_logprobs: np.ndarray  # [n, K]
+    sample_ids: list[str | None] | None
+
+
+class ShardFile:
+    """A memory-mapped shard whose footer has been checked against its manifest entry."""
+
+    def __init__(
+        self, path: str, *, name: str, entry=None, k: int, vocab_size: int, positions: str
+    ):
+        self.name = name  # the shard's path inside the cache, used in messages
+        self.k, self.vocab_size, self.positions = k, vocab_size, positions
+        size = os.path.getsize(path)
+        if entry is not None and size != entry.bytes:
+            raise CorruptCacheError(
+                f"shard {name}: file has {size} bytes, the manifest says {entry.bytes}: {_FIX}"
+            )
+        if size < HEADER_SIZE + TRAILER_SIZE:
+            raise CorruptCacheError(f"shard {name}: {size} bytes is too short: {_FIX}")
+        with open(path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.size = size
+        self._read_header()
+        self.footer_start, footer = self._read_footer()
+        self._parse_footer(footer, entry)
+
+    def close(self) -> None:
+        self.buf = None
+        # Records may still hold views of the map; then it closes when they are gone.
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
+
+    def _fail(self, message: str, chunk: int | None = None):
+        where = f"shard {self.name}" + (f" chunk {chunk}" if chunk is not None else "")
+        raise CorruptCacheError(f"{where}: {message}: {_FIX}")
+
+    def _read_header(self) -> None:
+        magic, major, minor, _ = _HEADER.unpack_from(self._mmap, 0)
+        if magic != SHARD_MAGIC:
+            self._fail(f"bad magic {magic!r} at offset 0 (not a logitcache shard)")
+        if major != FORMAT_MAJOR:
+            raise IncompatibleVersionError(
+                f"shard {self.name}: format major version {major}, this reader reads "
+                f"{FORMAT_MAJOR}; use a logitcache release that supports it"
+            )
+
+    def _read_footer(self) -> tuple[int, dict]:
+        length, digest, magic = _TRAILER.unpack_from(self._mmap, self.size - TRAILER_SIZE)
+        if magic != SHARD_MAGIC:
+            self._fail("bad trailer magic (the file is truncated or not a shard)")
+        if length > MAX_FOOTER_BYTES or length > self.size - HEADER_SIZE - TRAILER_SIZE:
+            self._fail(f"footer length {length} does not fit the file")
+        start = self.size - TRAILER_SIZE - length
+        data = self._mmap[start : start + length]
+        if xxhash.xxh3_64_intdigest(data) != digest:
+            self._fail("footer checksum mismatch")
+        try:
+            footer = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self._fail(f"footer is not valid JSON ({exc})")
+        if not isinstance(footer, dict):
+            self._fail("footer is not a JSON object")
+        return start, footer
+
+    def _parse_footer(self, footer: dict, entry) -> None:
+        version = footer.get("format_version")
+        if not isinstance(version, str) or version.split(".")[0] != str(FORMAT_MAJOR):
+            self._fail(f"footer format_version {version!r} is not {FORMAT_MAJOR}.x")
+        for key, want in (
+            ("k", self.k),
+            ("vocab_size", self.vocab_size),
+            ("positions", self.positions),
+        ):
+            if footer.get(key) != want:
+                self._fail(f"footer {key} {footer.get(key)!r} != manifest {want!r}")
+        columns = footer.get("columns")
+        if not isinstance(columns, dict):
+            self._fail("footer 'columns' is missing")
+        self.pipelines: dict[str, Pipeline] = {}
+        for name, spec in columns.items():
+            if name not in COLUMN_DTYPES:
+                continue  # a column of a newer minor version: ignored
+            if not isinstance(spec, dict) or spec.get("dtype") != COLUMN_DTYPES[name].str:
+                self._fail(f"column {name}: dtype must be {COLUMN_DTYPES[name].str!r}")
+            try:
+                self.pipelines[name] = Pipeline.from_config(spec.get("codecs"))
+            except CodecError as exc:
+                self._fail(f"column {name}: {exc}")
+        chunks = footer.get("chunks")
+        if not isinstance(chunks, list):
+            self._fail("footer 'chunks' must be a list")
+        self.chunks = [self._parse_chunk(i, c) for i, c in enumerate(chunks)]
+        totals = {key: sum(c[key] for c in self.chunks) for key in ("records", "tokens", "targets")}
+        for key, total in totals.items():
+            if footer.get(key) != total:
+                self._fail(f"footer {key} {footer.get(key)!r} != sum over chunks {total}")
+            if entry is not None and getattr(entry, key) != total:
+                self._fail(f"{key} {total} != manifest {getattr(entry, key)}")
+        if entry is not None and [c["records"] for c in self.chunks] != entry.chunk_records:
+            self._fail("chunk record counts differ from the manifest's chunk_records")
+        self.records = totals["records"]
+        self.chunk_starts = np.concatenate(
+            [[0], np.cumsum([c["records"] for c in self.chunks], dtype=np.int64)]
+        )
+
+    def _parse_chunk(self, index: int, chunk) -> dict:
+        if not isinstance(chunk, dict):
+            self._fail("chunk entry is not an object", index)
+        counts = {}
+        for key in ("records", "tokens", "targets"):
+            value = chunk.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                self._fail(f"'{key}' = {value!r} is not a count", index)
+            counts[key] = value
+        r, t, n, k = counts["records"], counts["tokens"], counts["targets"], self.k
+        if r < 1 or t < r or n > t:
+            self._fail(f"inconsistent counts records={r} tokens={t} targets={n}", index)
+        if self.positions == POSITIONS_ALL and n != t - r:
+            self._fail(f"positions 'all' needs targets = tokens - records, got {n}", index)
+        expected = {
+            COL_RECORD_LENGTHS: r * 4,
+            COL_INPUT_IDS: t * 4,
+            COL_LOSS_MASK: t,
+            COL_TOPK_IDS: n * k * 4,
+            COL_TOPK_LOGPROBS: n * k * 2,
+            COL_SAMPLE_ID_LENGTHS: r * 4,
+            COL_SAMPLE_ID_BYTES: None,
+        }
+        blocks = chunk.get("blocks")
+        if not isinstance(blocks, dict):
+            self._fail("'blocks' is missing", index)
+        parsed = {}
+        for name in COLUMN_ORDER:
+            block = blocks.get(name)
+            if block is None:
+                if name in REQUIRED_COLUMNS:
+                    self._fail(f"column {name} is missing", index)
+                continue
+            if name not in self.pipelines:
+                self._fail(f"column {name} has no codec pipeline in the footer", index)
+            fields = {}
+            for key in ("offset", "length", "raw_length"):
+                value = block.get(key) if isinstance(block, dict) else None
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    self._fail(f"column {name}: '{key}' = {value!r} is not a size", index)
+                fields[key] = value
+            checksum = block.get("checksum")
+            if not isinstance(checksum, str) or len(checksum) != 16:
+                self._fail(f"column {name}: bad checksum field {checksum!r}", index)
+            offset, length, raw = fields["offset"], fields["length"], fields["raw_length"]
+            if offset < HEADER_SIZE or offset + length > self.footer_start:
+                self._fail(
+                    f"column {name}: block [{offset}, {offset + length}) is outside the chunk area",
+                    index,
+                )
+            want = expected[name]
+            if name == COL_SAMPLE_ID_BYTES:
+                if raw > r * MAX_SAMPLE_ID_BYTES:
+                    self._fail(f"column {name}: raw_length {raw} is too large", index)
+            elif raw != want:
+                self._fail(
+                    f"column {name}: raw_length {raw} != {want} implied by the counts", index
+                )
+            if raw > MAX_BLOCK_RAW_BYTES:
+                self._fail(f"column {name}: raw_length {raw} exceeds the format limit", index)
+            parsed[name] = (offset, length, raw, checksum)
+        if (COL_SAMPLE_ID_LENGTHS in parsed) != (COL_SAMPLE_ID_BYTES in parsed):
+            self._fail("sample_id needs both its lengths and bytes columns", index)
+        return {**counts, "blocks": parsed}
+
+    def block_problem(self, index: int, name: str) -> str | None:
+        offset, length, _, checksum = self.chunks[index]["blocks"][name]
+        got = checksum_hex(self.buf[offset : offset + length])
+        if got != checksum:
+            return (
+                f"shard {self.name} chunk {index} column {name}: checksum mismatch "
+                f"(expected {checksum}, got {got}): {_FIX}"
+            )
+        return None
+
+    def _column(self, index: int, name: str) -> np.ndarray:
+        offset, length, raw, _ = self.chunks[index]["blocks"][name]
+        problem = self.block_problem(index, name)
+        if problem:
+            raise CorruptCacheError(problem)
+        data = self.buf[offset : offset + length]
+        try:
+            buf = self.pipelines[name].decode_bytes(data, raw)
+        except CodecError as exc:
+            self._fail(f"column {name}: {exc}", index)
+        if buf.ctypes.data % 8:
+            buf = buf.copy()
+        return buf.view(COLUMN_DTYPES[name])
+
+    def decode_chunk(self, index: int) -> DecodedChunk:
+        """Decode and check one chunk; every offset is validated before it is used."""
+        chunk = self.chunks[index]
+        r, t, n, k = chunk["records"], chunk["tokens"], chunk["targets"], self.k
+        lengths = self._column(index, COL_RECORD_LENGTHS)
+        if lengths.min() < 1 or int(lengths.sum(dtype=np.int64)) != t:
+            self._fail("record lengths do not add up to the chunk's tokens", index)
+        token_starts = np.zeros(r + 1, dtype=np.int64)
+        np.cumsum(lengths, out=token_starts[1:])
+        mask_u8 = self._column(index, COL_LOSS_MASK)
+        if mask_u8.max() > 1:
+            self._fail("loss_mask holds values other than 0 and 1", index)
+        loss_mask = mask_u8.view(np.bool_)
+        if loss_mask[token_starts[:-1]].any():
+            self._fail("loss_mask is true at the first token of a record", index)
+        if self.positions == POSITIONS_ALL:
+            per_record = lengths.astype(np.int64) - 1
+        else:
+            per_record = np.add.reduceat(mask_u8, token_starts[:-1], dtype=np.int64)
+        target_starts = np.zeros(r + 1, dtype=np.int64)
+        np.cumsum(per_record, out=target_starts[1:])
+        if target_starts[-1] != n:
+            self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
+        input_ids = self._column(index, COL_INPUT_IDS)
+        topk_ids = self._column(index, COL_TOPK_IDS).reshape(n, k)
+        topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
+        sample_ids = None
+        if COL_SAMPLE_ID_LENGTHS in chunk["blocks"]:
+            sample_ids = self._sample_ids(index, r)
+        for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
+            array.flags.writeable = False
+        return DecodedChunk(
+            token_starts, target_starts, input_ids, loss_mask, topk_ids, topk_logprobs, sample_ids
+        )
+
+    def _sample_ids(self, index: int, r: int) -> list[str | None]:
+        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS)
+        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES).tobytes()
+        if sid_lengths.min() < -1 or sid_lengths.max() > MAX_SAMPLE_ID_BYTES:
+            self._fail("sample_id length out of range", index)
+        if int(np.maximum(sid_lengths, 0).sum()) != len(sid_bytes):
+            self._fail("sample_id lengths do not add up to its bytes", index)
+        out: list[str | None] = []
+        pos = 0
+        for length in sid_lengths.tolist():
+            if length < 0:
+                out.append(None)
+                continue
+            try:
+                out.append(sid_bytes[pos : pos + length].decode("utf-8"))
+            except UnicodeDecodeError:
+                self._fail("sample_id is not valid UTF-8", index)
+            pos += length
+        return out

@@ -1,0 +1,466 @@
+"""CacheWriter: validates teacher records, groups them into chunks and shards, commits last.
+
+Chunks are encoded on a thread pool (the numba kernels and zstd release the GIL) and written
+in order; the manifest is written only by a clean close, so a failed run commits nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from . import __version__, _kernels
+from .codecs import Pipeline, default_pipeline_configs
+from .format import (
+    COL_INPUT_IDS,
+    COL_LOSS_MASK,
+    COL_RECORD_LENGTHS,
+    COL_SAMPLE_ID_BYTES,
+    COL_SAMPLE_ID_LENGTHS,
+    COL_TOPK_IDS,
+    COL_TOPK_LOGPROBS,
+    COLUMN_DTYPES,
+    MANIFEST_NAME,
+    MAX_K,
+    MAX_ROW_MASS,
+    MAX_SAMPLE_ID_BYTES,
+    MAX_VOCAB_SIZE,
+    POSITIONS_ALL,
+    POSITIONS_MODES,
+    SHARD_DIR,
+    SHARD_SUFFIX,
+    CacheError,
+)
+from .manifest import Manifest, ShardEntry, now_iso, partial_manifest_name
+from .shard import COLUMN_ORDER, EncodedChunk, ShardBuilder, encode_chunk
+from .storage import open_store
+
+_FP16_MIN = float(np.finfo(np.float16).min)
+_EXP_TABLE: np.ndarray | None = None
+
+_ROW_ERRORS = {
+    _kernels.ROW_ID_OUT_OF_RANGE: ("topk_ids", "id {value} is outside [0, vocab_size={vocab})"),
+    _kernels.ROW_NOT_FINITE: ("topk_logprobs", "value {value} is not finite"),
+    _kernels.ROW_POSITIVE: ("topk_logprobs", "value {value} > 0 is not a log-probability"),
+    _kernels.ROW_DUPLICATE_ID: ("topk_ids", "id {value} appears twice in the row"),
+    _kernels.ROW_MASS_TOO_LARGE: (
+        "topk_logprobs",
+        "the row's probabilities sum to {value:.4g} > 1; pass log_softmax outputs, not logits",
+    ),
+}
+
+
+def _exp_table() -> np.ndarray:
+    """exp() of every fp16 bit pattern, so the kernel sums probability mass by lookup."""
+    global _EXP_TABLE
+    if _EXP_TABLE is None:
+        values = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            table = np.exp(values)
+        table[~np.isfinite(table)] = 0.0
+        _EXP_TABLE = table
+    return _EXP_TABLE
+
+
+class CacheWriter:
+    """Write a logit cache at `url` (a directory or any fsspec URL).
+
+    Use as a context manager; `add()` one record at a time or `add_batch()` for teacher
+    output. Rows may come in any order; they are stored in canonical order (logprob
+    descending, ties by id ascending). float32/float64 logprobs are rounded to fp16, and
+    values below the fp16 range (probability 0 at any precision) are stored as -65504.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        k: int,
+        vocab_size: int,
+        positions: str = "supervised",
+        storage_options: dict | None = None,
+        teacher: dict | None = None,
+        tokenizer: dict | None = None,
+        metadata: dict | None = None,
+        codecs: dict[str, list[dict[str, Any]]] | None = None,
+        chunk_bytes: int = 2 << 20,
+        shard_bytes: int = 256 << 20,
+        rank: int | None = None,
+        overwrite: bool = False,
+        threads: int | None = None,
+    ):
+        if not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k={k!r}: must be an integer in [1, {MAX_K}]")
+        if not isinstance(vocab_size, int) or not k <= vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size={vocab_size!r}: must be an integer in [k, {MAX_VOCAB_SIZE}]"
+            )
+        if positions not in POSITIONS_MODES:
+            raise ValueError(f"positions={positions!r}: must be one of {POSITIONS_MODES}")
+        if rank is not None and (not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank={rank!r}: must be a non-negative integer or None")
+        self.k, self.vocab_size, self.positions, self.rank = k, vocab_size, positions, rank
+        self.chunk_bytes, self.shard_bytes = int(chunk_bytes), int(shard_bytes)
+        configs = default_pipeline_configs(k)
+        for name, config in (codecs or {}).items():
+            if name not in configs:
+                raise ValueError(f"codecs: unknown column {name!r}; columns are {list(configs)}")
+            configs[name] = config
+        self.pipelines = {name: Pipeline.from_config(cfg) for name, cfg in configs.items()}
+        self._column_configs = {
+            name: {"dtype": COLUMN_DTYPES[name].str, "codecs": configs[name]} for name in configs
+        }
+        self.teacher, self.tokenizer = teacher, tokenizer
+        self.metadata = dict(metadata or {})
+        self.store = open_store(url, storage_options)
+        self._prepare_destination(overwrite)
+
+        self._stamp = np.zeros(vocab_size, dtype=np.int64)
+        self._stamp_base = 0
+        self._pending: dict[str, list] = collections.defaultdict(list)
+        self._pending_counts = [0, 0, 0]  # records, tokens, targets
+        self._pending_bytes = 0
+        self._records_added = 0
+        workers = threads or min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lgc-encode")
+        self._in_flight: collections.deque[Future] = collections.deque()
+        self._max_in_flight = 2 * workers
+        self._builder: ShardBuilder | None = None
+        self._builder_rel = ""
+        self._shards: list[ShardEntry] = []
+        self._closed = False
+
+    # -- destination ---------------------------------------------------------------------
+    def _shard_name(self, index: int) -> str:
+        prefix = "" if self.rank is None else f"r{self.rank:05d}-"
+        return f"{SHARD_DIR}/{prefix}{index:05d}{SHARD_SUFFIX}"
+
+    def _commit_name(self) -> str:
+        return MANIFEST_NAME if self.rank is None else partial_manifest_name(self.rank)
+
+    def _prepare_destination(self, overwrite: bool) -> None:
+        if self.store.exists(MANIFEST_NAME) or self.store.exists(self._commit_name()):
+            if not overwrite:
+                raise CacheError(
+                    f"{self.store.url}: a committed cache is already there; pass "
+                    "overwrite=True to replace it, or write to a new URL"
+                )
+            self.store.remove(MANIFEST_NAME)
+            self.store.remove(self._commit_name())
+        # Files of an earlier run that did not commit belong to no cache: clear them.
+        prefix = f"{SHARD_DIR}/" + ("" if self.rank is None else f"r{self.rank:05d}-")
+        for rel in self.store.list(SHARD_DIR):
+            if rel.startswith(prefix) and (
+                self.rank is not None or not os.path.basename(rel).startswith("r")
+            ):
+                self.store.remove(rel)
+
+    # -- input ---------------------------------------------------------------------------
+    def add(
+        self,
+        *,
+        input_ids,
+        loss_mask,
+        topk_ids,
+        topk_logprobs,
+        sample_id: str | None = None,
+    ) -> None:
+        """Validate one record and queue it; ValueError names the field and the record."""
+        if self._closed:
+            raise CacheError("this CacheWriter is closed")
+        index = self._records_added
+        ids = _int_array(input_ids, "input_ids", index, ndim=1)
+        t = ids.shape[0]
+        if t < 1:
+            raise ValueError(f"record {index}: input_ids is empty; a record needs T >= 1 tokens")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise ValueError(
+                f"record {index}: input_ids holds {bad}, outside [0, vocab_size={self.vocab_size})"
+            )
+        mask = _mask_array(loss_mask, index, t)
+        n = t - 1 if self.positions == POSITIONS_ALL else int(mask.sum())
+        rows_ids = _int_array(topk_ids, "topk_ids", index, ndim=2)
+        rows_lp = _logprob_array(topk_logprobs, index)
+        for name, rows in (("topk_ids", rows_ids), ("topk_logprobs", rows_lp)):
+            if rows.shape != (n, self.k):
+                what = (
+                    "T-1 positions (positions='all')"
+                    if self.positions == POSITIONS_ALL
+                    else "the positions where loss_mask is true"
+                )
+                raise ValueError(
+                    f"record {index}: {name} has shape {rows.shape}, expected ({n}, {self.k}): "
+                    f"one row of k={self.k} per target, for {what}"
+                )
+        rows_ids = np.array(rows_ids, dtype=np.int32, order="C")  # own copies: sorted in place
+        rows_lp = np.array(rows_lp, dtype=np.float16, order="C")
+        self._check_rows(index, rows_ids, rows_lp)
+        sid = _sample_id_bytes(sample_id, index)
+
+        self._pending[COL_RECORD_LENGTHS].append(t)
+        self._pending[COL_INPUT_IDS].append(ids.astype(np.int32, copy=False))
+        self._pending[COL_LOSS_MASK].append(mask.view(np.uint8))
+        self._pending[COL_TOPK_IDS].append(rows_ids)
+        self._pending[COL_TOPK_LOGPROBS].append(rows_lp)
+        self._pending["sample_id"].append(sid)
+        self._pending_counts[0] += 1
+        self._pending_counts[1] += t
+        self._pending_counts[2] += n
+        self._pending_bytes += 5 * t + 6 * n * self.k
+        self._records_added += 1
+        if self._pending_bytes >= self.chunk_bytes:
+            self._flush_chunk()
+
+    def add_batch(
+        self,
+        *,
+        input_ids,
+        loss_mask,
+        topk_ids,
+        topk_logprobs,
+        sample_ids=None,
+    ) -> None:
+        """Add several records: each argument is a sequence with one entry per record."""
+        count = len(input_ids)
+        for name, seq in (
+            ("loss_mask", loss_mask),
+            ("topk_ids", topk_ids),
+            ("topk_logprobs", topk_logprobs),
+            ("sample_ids", sample_ids),
+        ):
+            if seq is not None and len(seq) != count:
+                raise ValueError(f"add_batch: {name} has {len(seq)} entries, input_ids has {count}")
+        for i in range(count):
+            self.add(
+                input_ids=input_ids[i],
+                loss_mask=loss_mask[i],
+                topk_ids=topk_ids[i],
+                topk_logprobs=topk_logprobs[i],
+                sample_id=None if sample_ids is None else sample_ids[i],
+            )
+
+    def _check_rows(self, index: int, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        if ids.shape[0] == 0:
+            return
+        result = np.zeros(3, dtype=np.int64)
+        bits = logprobs.view(np.uint16)
+        _kernels.check_and_canonicalize_rows(
+            ids,
+            bits,
+            self.vocab_size,
+            self._stamp,
+            self._stamp_base,
+            _exp_table(),
+            MAX_ROW_MASS,
+            result,
+        )
+        self._stamp_base += ids.shape[0]
+        status, row, col = (int(v) for v in result)
+        if status != _kernels.ROW_OK:
+            field, template = _ROW_ERRORS[status]
+            if status == _kernels.ROW_MASS_TOO_LARGE:
+                value = float(np.exp(logprobs[row].astype(np.float64)).sum())
+            elif field == "topk_ids":
+                value = int(ids[row, col])
+            else:
+                value = float(logprobs[row, col])
+            raise ValueError(
+                f"record {index}: {field} row {row} column {col}: "
+                + template.format(value=value, vocab=self.vocab_size)
+            )
+
+    # -- chunks and shards ---------------------------------------------------------------
+    def _flush_chunk(self) -> None:
+        if not self._pending_counts[0]:
+            return
+        p = self._pending
+        columns = {
+            COL_RECORD_LENGTHS: np.asarray(p[COL_RECORD_LENGTHS], dtype=np.int32),
+            COL_INPUT_IDS: np.concatenate(p[COL_INPUT_IDS]),
+            COL_LOSS_MASK: np.concatenate(p[COL_LOSS_MASK]),
+            COL_TOPK_IDS: np.concatenate(p[COL_TOPK_IDS]).reshape(-1, self.k),
+            COL_TOPK_LOGPROBS: np.concatenate(p[COL_TOPK_LOGPROBS]).reshape(-1, self.k),
+        }
+        sids = p["sample_id"]
+        if any(s is not None for s in sids):
+            columns[COL_SAMPLE_ID_LENGTHS] = np.array(
+                [-1 if s is None else len(s) for s in sids], dtype=np.int32
+            )
+            columns[COL_SAMPLE_ID_BYTES] = np.frombuffer(
+                b"".join(s for s in sids if s is not None), dtype=np.uint8
+            )
+        records, tokens, targets = self._pending_counts
+        future = self._pool.submit(
+            encode_chunk, columns, self.pipelines, records=records, tokens=tokens, targets=targets
+        )
+        self._in_flight.append(future)
+        self._pending = collections.defaultdict(list)
+        self._pending_counts = [0, 0, 0]
+        self._pending_bytes = 0
+        while len(self._in_flight) > self._max_in_flight:
+            self._write_chunk(self._in_flight.popleft().result())
+
+    def _write_chunk(self, chunk: EncodedChunk) -> None:
+        if self._builder is None:
+            self._builder_rel = self._shard_name(len(self._shards))
+            self._builder = ShardBuilder(
+                self.store.new_local_file(self._builder_rel),
+                k=self.k,
+                vocab_size=self.vocab_size,
+                positions=self.positions,
+                pipelines=self.pipelines,
+            )
+        self._builder.add_chunk(chunk)
+        if self._builder.bytes_written >= self.shard_bytes:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        builder, rel = self._builder, self._builder_rel
+        self._builder = None
+        size, checksum = builder.finish()
+        self.store.put_file(builder.path, rel)
+        self._shards.append(
+            ShardEntry(
+                path=rel,
+                records=builder.records,
+                tokens=builder.tokens,
+                targets=builder.targets,
+                bytes=size,
+                checksum=checksum,
+                chunk_records=builder.chunk_records,
+            )
+        )
+
+    # -- commit --------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(
+            k=self.k,
+            vocab_size=self.vocab_size,
+            positions=self.positions,
+            shards=list(self._shards),
+            columns=self._column_configs,
+            teacher=self.teacher,
+            tokenizer=self.tokenizer,
+            metadata=self.metadata,
+            created_by=f"logitcache {__version__}",
+            created_at=now_iso(),
+        )
+
+    def close(self) -> Manifest:
+        """Write what is pending, then the manifest (the commit). Returns the manifest."""
+        if self._closed:
+            raise CacheError("this CacheWriter is already closed")
+        try:
+            self._flush_chunk()
+            while self._in_flight:
+                self._write_chunk(self._in_flight.popleft().result())
+            if self._builder is not None:
+                self._finish_shard()
+            manifest = self.manifest
+            self.store.write_bytes(self._commit_name(), manifest.dumps())
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self._pool.shutdown()
+        return manifest
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing is committed."""
+        self._closed = True
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        self._pool.shutdown(wait=True)
+        if self._builder is not None:
+            self._builder.abort()
+            self._builder = None
+        for entry in self._shards:
+            self.store.remove(entry.path)
+        self._shards.clear()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _int_array(value, name: str, index: int, *, ndim: int) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"record {index}: {name} has dtype {array.dtype}; pass integer token ids")
+    if array.ndim != ndim:
+        raise ValueError(f"record {index}: {name} has {array.ndim} dimensions, expected {ndim}")
+    if array.size and (
+        array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max
+    ):
+        raise ValueError(f"record {index}: {name} holds values that do not fit int32")
+    return array
+
+
+def _mask_array(value, index: int, t: int) -> np.ndarray:
+    mask = np.asarray(value)
+    if mask.ndim != 1 or mask.shape[0] != t:
+        raise ValueError(
+            f"record {index}: loss_mask has shape {mask.shape}, expected ({t},) like input_ids"
+        )
+    if mask.dtype != np.bool_:
+        if not np.issubdtype(mask.dtype, np.integer) or (
+            mask.size and (mask.min() < 0 or mask.max() > 1)
+        ):
+            raise ValueError(
+                f"record {index}: loss_mask has dtype {mask.dtype}; pass booleans (or 0/1 integers)"
+            )
+        mask = mask.astype(np.bool_)
+    if mask[0]:
+        raise ValueError(
+            f"record {index}: loss_mask[0] is true, but the first token has no context to be "
+            "predicted from; set it to false"
+        )
+    return np.ascontiguousarray(mask)
+
+
+def _logprob_array(value, index: int) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise ValueError(f"record {index}: topk_logprobs has {array.ndim} dimensions, expected 2")
+    if array.dtype == np.float16:
+        return array
+    if array.dtype not in (np.float32, np.float64):
+        raise ValueError(
+            f"record {index}: topk_logprobs has dtype {array.dtype}; pass float16, float32 or "
+            "float64 log-probabilities"
+        )
+    if array.size and not np.isfinite(array).all():
+        row, col = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(
+            f"record {index}: topk_logprobs row {row} column {col}: value "
+            f"{array[row, col]} is not finite"
+        )
+    return np.maximum(array, _FP16_MIN).astype(np.float16)
+
+
+def _sample_id_bytes(sample_id, index: int) -> bytes | None:
+    if sample_id is None:
+        return None
+    if not isinstance(sample_id, str):
+        raise ValueError(f"record {index}: sample_id must be a str or None, got {type(sample_id)}")
+    data = sample_id.encode("utf-8")
+    if len(data) > MAX_SAMPLE_ID_BYTES:
+        raise ValueError(
+            f"record {index}: sample_id is {len(data)} bytes, the limit is {MAX_SAMPLE_ID_BYTES}"
+        )
+    return data
+
+
+__all__ = ["CacheWriter", "COLUMN_ORDER"]
