@@ -1,0 +1,125 @@
+"""A second, deliberately naive decoder written from spec/FORMAT.md alone.
+
+It shares no code with logitcache: if it decodes the golden vectors to the same contents as
+the library, the spec is complete enough to implement the format from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import xxhash
+import zstandard
+
+
+def _key_to_bits(key: int) -> int:
+    return key & 0x7FFF if key & 0x8000 else ~key & 0xFFFF
+
+
+def _bits_to_key(bits: int) -> int:
+    return ~bits & 0xFFFF if bits & 0x8000 else bits | 0x8000
+
+
+def decode_codec(config: dict, data: bytes) -> bytes:
+    cid = config["id"]
+    if cid == "zstd":
+        return zstandard.ZstdDecompressor().decompress(data)
+    if cid == "shuffle":
+        e = config["elementsize"]
+        n = len(data) // e
+        return bytes(data[(i % e) * n + i // e] for i in range(len(data)))
+    if cid == "fp16_key_delta":
+        k = config["row_length"]
+        deltas = struct.unpack(f"<{len(data) // 2}H", data)
+        out, key = [], 0
+        for i, d in enumerate(deltas):
+            key = d if i % k == 0 else (key - d) % 65536
+            out.append(_key_to_bits(key))
+        return struct.pack(f"<{len(out)}H", *out)
+    if cid == "int_delta":
+        deltas = struct.unpack(f"<{len(data) // 4}i", data)
+        out, acc = [], 0
+        for d in deltas:
+            acc = (acc + d + 2**31) % 2**32 - 2**31
+            out.append(acc)
+        return struct.pack(f"<{len(out)}i", *out)
+    if cid == "varint":
+        out, value, shift = [], 0, 0
+        for byte in data:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                out.append(value)
+                value, shift = 0, 0
+        return struct.pack(f"<{len(out)}I", *out)
+    raise ValueError(f"unknown codec {cid}")
+
+
+def _ints(fmt: str, data: bytes) -> list:
+    size = struct.calcsize(fmt)
+    return list(struct.unpack(f"<{len(data) // size}{fmt}", data))
+
+
+def decode_cache(root: str) -> dict:
+    with open(os.path.join(root, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["format"] == "logitcache" and manifest["format_version"].startswith("1.")
+    k = manifest["k"]
+    records = []
+    for entry in manifest["shards"]:
+        with open(os.path.join(root, *entry["path"].split("/")), "rb") as f:
+            blob = f.read()
+        assert f"xxh3_64:{xxhash.xxh3_64_hexdigest(blob)}" == entry["checksum"]
+        assert blob[:8] == b"LGCSHARD" and struct.unpack_from("<H", blob, 8)[0] == 1
+        length, digest, magic = struct.unpack_from("<QQ8s", blob, len(blob) - 24)
+        assert magic == b"LGCSHARD"
+        footer_bytes = blob[len(blob) - 24 - length : len(blob) - 24]
+        assert xxhash.xxh3_64_intdigest(footer_bytes) == digest
+        footer = json.loads(footer_bytes)
+        for chunk in footer["chunks"]:
+            cols = {}
+            for name, block in chunk["blocks"].items():
+                stored = blob[block["offset"] : block["offset"] + block["length"]]
+                assert xxhash.xxh3_64_hexdigest(stored) == block["checksum"]
+                for config in reversed(footer["columns"][name]["codecs"]):
+                    stored = decode_codec(config, stored)
+                assert len(stored) == block["raw_length"]
+                cols[name] = stored
+            lengths = _ints("i", cols["record_lengths"])
+            input_ids = _ints("i", cols["input_ids"])
+            mask = list(cols["loss_mask"])
+            ids = _ints("i", cols["topk_ids"])
+            bits = _ints("H", cols["topk_logprobs"])
+            sid_lengths = (
+                _ints("i", cols["sample_id_lengths"]) if "sample_id_lengths" in cols else None
+            )
+            sid_bytes = cols.get("sample_id_bytes", b"")
+            tok = row = sid = 0
+            for r, t in enumerate(lengths):
+                rec_mask = mask[tok : tok + t]
+                n = t - 1 if manifest["positions"] == "all" else sum(rec_mask)
+                sample_id = None
+                if sid_lengths is not None and sid_lengths[r] >= 0:
+                    sample_id = sid_bytes[sid : sid + sid_lengths[r]].decode("utf-8")
+                    sid += sid_lengths[r]
+                records.append(
+                    {
+                        "input_ids": input_ids[tok : tok + t],
+                        "loss_mask": rec_mask,
+                        "topk_ids": [ids[(row + j) * k : (row + j + 1) * k] for j in range(n)],
+                        "topk_logprobs_bits": [
+                            bits[(row + j) * k : (row + j + 1) * k] for j in range(n)
+                        ],
+                        "sample_id": sample_id,
+                    }
+                )
+                tok += t
+                row += n
+    return {
+        "k": k,
+        "vocab_size": manifest["vocab_size"],
+        "positions": manifest["positions"],
+        "records": records,
+    }
