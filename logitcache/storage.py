@@ -6,12 +6,28 @@ can memory-map. Remote stores fetch whole shards into a size-bounded local cache
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import os
 import posixpath
+import random
+import re
+import shutil
 import tempfile
+import threading
+import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
-from .format import CacheError
+import xxhash
+
+from .format import CHECKSUM_ALGORITHM, CacheError, CorruptCacheError
+from .prefetch import Prefetcher
+
+T = TypeVar("T")
 
 
 def check_relative_path(rel: str, *, what: str = "path") -> str:
@@ -90,10 +106,8 @@ class LocalStore:
         os.replace(local_path, self._path(rel))
 
     def remove(self, rel: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self._path(rel))
-        except FileNotFoundError:
-            pass
 
     def local_shard_path(self, rel: str, *, size: int, checksum: str) -> str:
         """A local path to memory-map; for a local store the file itself."""
@@ -106,6 +120,548 @@ class LocalStore:
         pass
 
 
+class RemoteNotFoundError(CacheError, FileNotFoundError):
+    """A remote object does not exist (HTTP 404 or the backend's equivalent)."""
+
+
+class RemoteAccessError(CacheError, PermissionError):
+    """The remote store refused access (HTTP 403 or the backend's equivalent)."""
+
+
+class TransientDownloadError(CacheError):
+    """A download came back short or with the wrong checksum; fetching it again may succeed."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep retrying transient remote errors: attempts and a wall-clock budget.
+
+    Delays grow exponentially from `base_delay_s` to `max_delay_s` with full jitter, so many
+    workers that fail together do not retry together.
+    """
+
+    attempts: int = 8
+    base_delay_s: float = 0.25
+    max_delay_s: float = 8.0
+    budget_s: float = 120.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.max_delay_s, self.base_delay_s * (2**attempt)))
+
+
+# Exception class names (anywhere in the cause chain) that mean "the network hiccupped".
+_TRANSIENT_NAMES = frozenset(
+    {
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "IncompleteRead",
+        "ResponseStreamingError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ProtocolError",
+        "FSTimeoutError",
+        "ResponseParserError",
+        "HTTPClientError",
+        "FlexibleChecksumError",
+    }
+)
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EBUSY,  # s3fs maps 503 SlowDown to EBUSY
+        getattr(errno, "EREMOTEIO", 121),  # s3fs maps 500 InternalError to EREMOTEIO
+    }
+)
+
+
+def _cause_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    for e in _cause_chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+            code = str(response.get("Error", {}).get("Code", ""))
+            if code.isdigit():
+                return int(code)
+        status = getattr(e, "status", None)
+        if isinstance(status, int) and 100 <= status < 600:
+            return status
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the request that raised `exc` may succeed (timeouts, 5xx, resets)."""
+    if isinstance(exc, TransientDownloadError):
+        return True
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | CacheError):
+        return False
+    status = _http_status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    for e in _cause_chain(exc):
+        if isinstance(e, TimeoutError | ConnectionError):
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def call_with_retry(fn: Callable[[], T], *, url: str, what: str, policy: RetryPolicy) -> T:
+    """Run `fn`, retrying transient errors under `policy`; permanent ones fail at once.
+
+    Errors are re-raised as CacheError subclasses whose message names the URL.
+    """
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if isinstance(exc, FileNotFoundError) and not isinstance(exc, CacheError):
+                raise RemoteNotFoundError(f"{url}: not found while trying to {what}") from exc
+            if isinstance(exc, PermissionError) and not isinstance(exc, CacheError):
+                raise RemoteAccessError(
+                    f"{url}: access denied while trying to {what}; check the credentials "
+                    "and permissions in storage_options"
+                ) from exc
+            if not is_transient(exc):
+                if isinstance(exc, CacheError):
+                    raise
+                raise CacheError(f"{url}: could not {what}: {exc!r}") from exc
+            attempt += 1
+            elapsed = time.monotonic() - start
+            if attempt >= policy.attempts or elapsed >= policy.budget_s:
+                kind = CorruptCacheError if isinstance(exc, TransientDownloadError) else CacheError
+                raise kind(
+                    f"{url}: could not {what} after {attempt} attempts in {elapsed:.1f}s; "
+                    f"last error: {exc}"
+                ) from exc
+            time.sleep(min(policy.delay(attempt), max(0.0, policy.budget_s - elapsed)))
+
+
+_CHECKSUM_RE = re.compile(rf"^{CHECKSUM_ALGORITHM}:([0-9a-f]{{16}})$")
+
+
+def file_checksum(path: str, *, block: int = 8 << 20) -> str:
+    """The checksum string the manifest records for a whole file: "xxh3_64:<16 hex>"."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+def _checksum_hex(checksum: str, rel: str) -> str:
+    m = _CHECKSUM_RE.match(checksum or "")
+    if m is None:
+        raise CacheError(
+            f"shard {rel}: checksum {checksum!r} is not of the form "
+            f"'{CHECKSUM_ALGORITHM}:<16 hex digits>'; the manifest is damaged"
+        )
+    return m.group(1)
+
+
+def _mapped_files() -> set[str] | None:
+    """Paths this process has memory-mapped (Linux), or None where that cannot be known."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    paths = set()
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            paths.add(parts[5].removesuffix(" (deleted)"))
+    return paths
+
+
+# Temp files older than this in the shard cache belong to a process that died mid-download.
+_STALE_TMP_S = 3600.0
+_TMP_MARK = ".tmp-"
+
+
+class RemoteStore:
+    """A cache behind any fsspec URL (s3://, gs://, memory://, ...).
+
+    Shards are fetched whole into `cache_dir` (temp file + rename, checksum verified before the
+    rename), kept under `cache_limit_bytes` by LRU eviction (file mtime is the access time, so
+    processes sharing the directory agree), and prefetched by background threads. The fsspec
+    filesystem is created lazily in each process and never pickled: a pickled store carries only
+    its URL and options, so DataLoader workers build their own clients.
+
+    Eviction never removes a shard this process has memory-mapped, is downloading, or has
+    prefetched and not yet handed out. Another process sharing the directory may unlink a file
+    this one has mapped; on POSIX the mapping stays valid, and the next request downloads again.
+    """
+
+    is_local = False
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        *,
+        cache_dir: str | None = None,
+        cache_limit_bytes: int | None = None,
+        prefetch_threads: int = 4,
+        part_bytes: int = 16 << 20,
+        retry: RetryPolicy | None = None,
+    ):
+        if cache_limit_bytes is not None and cache_limit_bytes <= 0:
+            raise ValueError(f"cache_limit_bytes must be positive, got {cache_limit_bytes}")
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.cache_limit_bytes = cache_limit_bytes
+        self.prefetch_threads = prefetch_threads
+        self.part_bytes = part_bytes
+        self.retry = retry or RetryPolicy()
+        self.cache_root = os.path.join(
+            os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir())),
+            _url_key(self.url),
+        )
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._fs = None
+        self._root = None
+        self._lock = threading.Lock()
+        self._downloading: set[str] = set()  # local paths being written now
+        self._prefetched: set[str] = set()  # local paths fetched ahead, not yet handed out
+        self._prefetcher: Prefetcher | None = None
+        self._staging: str | None = None
+
+    def __getstate__(self) -> dict:
+        keep = (
+            "url",
+            "storage_options",
+            "cache_limit_bytes",
+            "prefetch_threads",
+            "part_bytes",
+            "retry",
+            "cache_root",
+        )
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_process_state()
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.url!r}, cache_root={self.cache_root!r})"
+
+    # -- the filesystem, created lazily per process ------------------------------------------
+
+    @property
+    def fs(self):
+        if self._fs is None or self._pid != os.getpid():
+            import fsspec.core
+
+            if self._pid != os.getpid():
+                self._init_process_state()
+            try:
+                fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            except (ImportError, ValueError) as exc:
+                raise CacheError(f"{self.url}: cannot open this URL with fsspec: {exc}") from exc
+            self._root = root.rstrip("/")
+            self._fs = fs
+        return self._fs
+
+    def _remote(self, rel: str) -> str:
+        self.fs  # noqa: B018 -- resolves self._root in this process
+        return f"{self._root}/{check_relative_path(rel)}"
+
+    def _url(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def _retry(self, rel: str, what: str, fn: Callable[[], T]) -> T:
+        return call_with_retry(fn, url=self._url(rel), what=what, policy=self.retry)
+
+    # -- small objects: manifests, listings ------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        path = self._remote(rel)
+
+        def run() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
+
+        return self._retry(rel, "check whether it exists", run)
+
+    def size(self, rel: str) -> int:
+        path = self._remote(rel)
+
+        def run() -> int:
+            self.fs.invalidate_cache(path)
+            return int(self.fs.size(path))
+
+        return self._retry(rel, "read its size", run)
+
+    def read_bytes(self, rel: str, *, max_bytes: int | None = None) -> bytes:
+        path = self._remote(rel)
+        if max_bytes is not None:
+            size = self.size(rel)
+            if size > max_bytes:
+                raise CacheError(
+                    f"{self._url(rel)}: {size} bytes is larger than the limit of {max_bytes}"
+                )
+        return self._retry(rel, "read it", lambda: bytes(self.fs.cat_file(path)))
+
+    def list(self, rel_dir: str) -> list[str]:
+        path = self._remote(rel_dir)
+
+        def run() -> list[str]:
+            self.fs.invalidate_cache(path)
+            try:
+                names = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(
+                f"{rel_dir}/{posixpath.basename(n.rstrip('/'))}"
+                for n in names
+                if n.rstrip("/") != path.rstrip("/")
+            )
+
+        return self._retry(rel_dir, "list it", run)
+
+    # -- writing: whole objects, uploaded once they are complete -----------------------------
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Upload `data` as one object; object stores make a single PUT atomic."""
+        path = self._remote(rel)
+        self._retry(rel, "write it", lambda: self.fs.pipe_file(path, bytes(data)))
+
+    def new_local_file(self, rel: str) -> str:
+        """A local staging path to build the file destined for `rel`; publish with put_file."""
+        check_relative_path(rel)
+        with self._lock:
+            if self._staging is None:
+                self._staging = tempfile.mkdtemp(prefix="logitcache-upload-")
+        return os.path.join(self._staging, f"{uuid.uuid4().hex}-{posixpath.basename(rel)}")
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Upload a finished local file whole, then delete the local copy."""
+        path = self._remote(rel)
+        self._retry(rel, "upload it", lambda: self.fs.put_file(local_path, path))
+        os.remove(local_path)
+
+    def remove(self, rel: str) -> None:
+        path = self._remote(rel)
+
+        def run() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+            self.fs.invalidate_cache(path)
+
+        self._retry(rel, "remove it", run)
+
+    # -- shards: fetched whole into the local cache directory --------------------------------
+
+    def _local_path(self, rel: str, checksum: str) -> str:
+        # The checksum is part of the name: a cache rewritten in place never hits a stale copy.
+        digest = _checksum_hex(checksum, rel)
+        return os.path.join(self.cache_root, *check_relative_path(rel).split("/")) + f".{digest}"
+
+    def local_shard_path(self, rel: str, *, size: int, checksum: str) -> str:
+        """A local, checksum-verified copy of shard `rel` to memory-map (downloaded if needed)."""
+        local = self._local_path(rel, checksum)
+        path = self._get_prefetcher().get((rel, int(size), checksum))
+        with self._lock:
+            self._prefetched.discard(local)
+        return path
+
+    def prefetch(self, rels: list[tuple[str, int, str]]) -> None:
+        """Start background downloads of these (path, size, checksum) shards, in order.
+
+        Only as many as fit beside the shards already held for use are started, so a prefetch
+        never evicts what it fetched a moment ago; the rest are fetched on demand.
+        """
+        prefetcher = self._get_prefetcher()
+        in_flight = set(prefetcher.in_flight())
+        budget = self.cache_limit_bytes
+        if budget is not None:
+            budget -= self._held_bytes()
+        for rel, size, checksum in rels:
+            key = (rel, int(size), checksum)
+            local = self._local_path(rel, checksum)
+            if key in in_flight:
+                continue
+            if os.path.exists(local) and os.path.getsize(local) == size:
+                self._touch(local)
+                continue
+            if budget is not None:
+                if size > budget:
+                    break
+                budget -= size
+            with self._lock:
+                self._prefetched.add(local)
+            prefetcher.submit(key)
+
+    def _held_bytes(self) -> int:
+        with self._lock:
+            held = self._downloading | self._prefetched
+        return sum(os.path.getsize(p) for p in held if os.path.exists(p))
+
+    def _get_prefetcher(self) -> Prefetcher:
+        if self._pid != os.getpid():
+            self._init_process_state()
+        with self._lock:
+            if self._prefetcher is None:
+                self._prefetcher = Prefetcher(
+                    self._ensure_local, threads=self.prefetch_threads, name="logitcache-fetch"
+                )
+            return self._prefetcher
+
+    def _ensure_local(self, key: tuple[str, int, str]) -> str:
+        rel, size, checksum = key
+        local = self._local_path(rel, checksum)
+        if os.path.exists(local) and os.path.getsize(local) == size:
+            self._touch(local)
+            return local
+        with self._lock:
+            self._downloading.add(local)
+        try:
+            self._retry(rel, "download it", lambda: self._download(rel, size, checksum, local))
+        finally:
+            with self._lock:
+                self._downloading.discard(local)
+        self.evict(keep={local})
+        return local
+
+    def _download(self, rel: str, size: int, checksum: str, local: str) -> None:
+        """One attempt: fetch `rel` in ranged parts to a temp file, verify, rename into place."""
+        remote = self._remote(rel)
+        expected = _checksum_hex(checksum, rel)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}{_TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            h = xxhash.xxh3_64()
+            with open(tmp, "wb") as out:
+                for start in range(0, max(size, 1), self.part_bytes):
+                    end = min(size, start + self.part_bytes)
+                    if end <= start:
+                        break
+                    part = self.fs.cat_file(remote, start=start, end=end)
+                    if len(part) != end - start:
+                        raise TransientDownloadError(
+                            f"{self._url(rel)}: bytes {start}-{end} came back with "
+                            f"{len(part)} bytes (truncated transfer)"
+                        )
+                    h.update(part)
+                    out.write(part)
+                out.flush()
+                os.fsync(out.fileno())
+            got = h.hexdigest()
+            if got != expected:
+                raise TransientDownloadError(
+                    f"{self._url(rel)}: checksum mismatch after download (expected "
+                    f"{CHECKSUM_ALGORITHM}:{expected}, got {CHECKSUM_ALGORITHM}:{got})"
+                )
+            remote_size = os.path.getsize(tmp)
+            if remote_size != size:
+                raise TransientDownloadError(
+                    f"{self._url(rel)}: downloaded {remote_size} bytes, manifest says {size}"
+                )
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @staticmethod
+    def _touch(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
+    def cached_files(self) -> list[tuple[str, int, float]]:
+        """(local path, bytes, last use) of every complete shard in the local cache."""
+        out = []
+        now = time.time()
+        for dirpath, _, names in os.walk(self.cache_root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if _TMP_MARK in name:
+                    if now - st.st_mtime > _STALE_TMP_S:
+                        _remove_quietly(path)  # left by a process that died mid-download
+                    continue
+                out.append((path, st.st_size, st.st_mtime))
+        return out
+
+    def evict(self, *, keep: set[str] = frozenset()) -> list[str]:
+        """Remove least recently used shards until the cache fits its limit; returns removed."""
+        if self.cache_limit_bytes is None:
+            return []
+        files = self.cached_files()
+        total = sum(size for _, size, _ in files)
+        if total <= self.cache_limit_bytes:
+            return []
+        mapped = _mapped_files() or set()
+        with self._lock:
+            protected = set(keep) | self._downloading | self._prefetched | mapped
+        removed = []
+        for path, size, _ in sorted(files, key=lambda f: f[2]):
+            if total <= self.cache_limit_bytes:
+                break
+            if path in protected:
+                continue
+            if _remove_quietly(path):
+                removed.append(path)
+                total -= size
+        return removed
+
+    def clear_local_cache(self) -> None:
+        """Delete every local copy of this cache's shards (remote objects are untouched)."""
+        shutil.rmtree(self.cache_root, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            prefetcher, self._prefetcher = self._prefetcher, None
+            staging, self._staging = self._staging, None
+        if prefetcher is not None:
+            prefetcher.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_quietly(path: str) -> bool:
+    try:
+        os.remove(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _url_key(url: str) -> str:
+    """A directory name for a URL: readable, and unique thanks to a hash of the whole URL."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[-1]).strip("-")[-48:]
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return f"{readable}-{digest}" if readable else digest
+
+
 def open_store(
     url: str,
     storage_options: dict | None = None,
@@ -113,11 +669,11 @@ def open_store(
     cache_dir: str | None = None,
     cache_limit_bytes: int | None = None,
 ):
-    """Open the store behind a cache URL (a local path or file:// URL for now)."""
+    """Open the store behind a cache URL: a local path, a file:// URL or any fsspec URL."""
     if _is_local_url(url):
         return LocalStore(url)
-    raise CacheError(
-        f"{url}: remote URLs are not supported by this build; use a local directory"
+    return RemoteStore(
+        url, storage_options, cache_dir=cache_dir, cache_limit_bytes=cache_limit_bytes
     )
 
 
