@@ -1,0 +1,693 @@
+"""Bytes per target token and single-core encode/decode speed of the top-K columns.
+
+Our candidate codec pipelines against baselines measured in the same run on the same
+synthetic teacher rows; prints one table per (K, vocab) and writes results/bench_codec.json.
+
+Method notes
+- Data: `logitcache.synthetic.SyntheticTeacher` rows (see its docstring for the model and the
+  statistics printed here), split into chunks of chunk_bytes // (6 K) positions (3495 at
+  K=100), as CacheWriter's default 2 MiB chunks are. Every encoder and decoder works chunk by
+  chunk on the calling thread (pyarrow with use_threads=False and a one-thread pool).
+  tokens/s = target positions / the median (>= 3 repeats) CPU seconds of the process over all
+  chunks: single-core throughput that other load on a shared machine does not distort. The
+  JSON also holds the median wall seconds.
+- raw: int32 ids + fp16 logprobs bytes (6 K B/token); decode is a zero-copy view.
+- zstd3(raw): python-zstandard level 3 of each raw column per chunk.
+- parquet: pyarrow, one row per position, columns fixed_size_list<int32, K> and
+  fixed_size_list<halffloat, K>, BYTE_STREAM_SPLIT, zstd level 3, no dictionary, one row group
+  per chunk; decode reads the table and flattens both columns to numpy.
+- nemo-jsonl: NeMo-Aligner compute_topk_logits.py style, one JSON line per 256 positions with
+  topk_logits (max-shifted logprobs: logits up to a per-token constant), topk_token_ids and
+  log_sum_exp_logits; bytes of the UTF-8 text (and its zstd-3). The values are fp16 logprobs
+  shifted exactly (in float64), so their decimal forms are no longer than a real teacher's
+  fp32 logits would print: this baseline is if anything small. Measured on at most 8192
+  positions (JSON is slow).
+- megatron: Megatron-LM offline KD style: fp16 logprobs, ids as uint16 plus the 17th bit
+  bit-packed, zstd-3 per chunk; refuses vocabularies above 131072 as Megatron does.
+- ours: logitcache codec pipelines (logitcache.codecs) per column; "ours default" uses the
+  writer's default pipelines; "e2e" writes a real cache with CacheWriter (threads=1) from
+  synthetic_records and reads it back with open_cache().iter_records(): bytes of the shard
+  files (all columns, footers) per target token.
+- bounds: log2 C(V, K) / 8 is the entropy of a uniformly drawn K-subset of the vocabulary;
+  rows in canonical order also fix which id has which logprob, log2 K! bits more for
+  uniformly drawn ids (log2 of V!/(V-K)! in all). H0 is the order-0 entropy of the ids' own
+  histogram times K: what an ideal per-id entropy coder would reach ignoring order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import Timing, format_table, median_time, single_thread_env, write_results
+
+single_thread_env()
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import zstandard  # noqa: E402
+
+from logitcache.codecs import Pipeline, default_pipeline_configs  # noqa: E402
+from logitcache.synthetic import (  # noqa: E402
+    SyntheticTeacher,
+    canonical_order,
+    row_statistics,
+    synthetic_records,
+)
+
+KS = (64, 100, 128)
+VOCABS = (32000, 128256, 151936)
+TARGET_K, TARGET_VOCAB = 100, 128256
+TARGET_RAW_RATIO, TARGET_PARQUET_RATIO = 0.45, 0.85
+TARGET_ENCODE, TARGET_DECODE = 300_000, 1_000_000
+CHUNK_BYTES = 2 << 20
+NEMO_MAX_POSITIONS = 8192
+NEMO_LINE_POSITIONS = 256
+MEGATRON_MAX_VOCAB = 1 << 17
+
+Chunks = list[tuple[np.ndarray, np.ndarray]]  # (topk_ids [m, K] int32, topk_logprobs fp16)
+
+
+def zstd3(level: int = 3) -> dict[str, Any]:
+    return {"id": "zstd", "level": level}
+
+
+def shuffle(size: int) -> dict[str, Any]:
+    return {"id": "shuffle", "elementsize": size}
+
+
+def id_candidates() -> dict[str, list[dict[str, Any]]]:
+    return {
+        "zstd3": [zstd3()],
+        "shuffle4+zstd1": [shuffle(4), zstd3(1)],
+        "shuffle4+zstd3": [shuffle(4), zstd3()],
+        "shuffle4+zstd6": [shuffle(4), zstd3(6)],
+        "varint+zstd3": [{"id": "varint"}, zstd3()],
+        "int_delta+shuffle4+zstd3": [{"id": "int_delta"}, shuffle(4), zstd3()],
+    }
+
+
+def logprob_candidates(k: int) -> dict[str, list[dict[str, Any]]]:
+    key_delta = {"id": "fp16_key_delta", "row_length": k}
+    return {
+        "zstd3": [zstd3()],
+        "shuffle2+zstd3": [shuffle(2), zstd3()],
+        "key_delta+zstd3": [key_delta, zstd3()],
+        "key_delta+shuffle2+zstd1": [key_delta, shuffle(2), zstd3(1)],
+        "key_delta+shuffle2+zstd3": [key_delta, shuffle(2), zstd3()],
+        "key_delta+shuffle2+zstd6": [key_delta, shuffle(2), zstd3(6)],
+    }
+
+
+@dataclass
+class Result:
+    """One method on one configuration: sizes, median timings, and the round trip check."""
+
+    name: str
+    kind: str  # baseline | ids | logprobs | ours | e2e
+    bytes: int
+    positions: int
+    encode: Timing
+    decode: Timing
+    lossless: bool
+    config: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.positions
+
+    @property
+    def encode_tps(self) -> float:
+        """Target positions per CPU second."""
+        return self.positions / self.encode.cpu_s if self.encode.cpu_s > 0 else math.inf
+
+    @property
+    def decode_tps(self) -> float:
+        return self.positions / self.decode.cpu_s if self.decode.cpu_s > 0 else math.inf
+
+
+def measure(
+    name: str,
+    kind: str,
+    chunks: Chunks,
+    encode: Callable[[Chunks], list],
+    decode: Callable[[list], Chunks],
+    size: Callable[[list], int],
+    repeats: int,
+    columns: tuple[bool, bool] = (True, True),
+    config: Any = None,
+    same_bits: bool = True,
+) -> Result:
+    """Time encode and decode of every chunk; check the decoded columns bit for bit, or by
+    value where `same_bits` is False (JSON text keeps no sign of zero)."""
+    encode_t, encoded = median_time(lambda: encode(chunks), repeats)
+    decode_t, decoded = median_time(lambda: decode(encoded), repeats)
+    lossless = len(decoded) == len(chunks)
+    for (ids, lp), (ids2, lp2) in zip(chunks, decoded, strict=False):
+        if columns[0]:
+            lossless &= ids2 is not None and np.array_equal(ids, ids2)
+        if columns[1]:
+            if same_bits:
+                lossless &= lp2 is not None and np.array_equal(
+                    lp.view(np.uint16), lp2.view(np.uint16)
+                )
+            else:
+                lossless &= lp2 is not None and np.array_equal(lp, lp2)
+    positions = sum(c[0].shape[0] for c in chunks)
+    return Result(name, kind, size(encoded), positions, encode_t, decode_t, lossless, config)
+
+
+# -- baselines -----------------------------------------------------------------------------
+
+
+def bench_raw(chunks: Chunks, repeats: int) -> Result:
+    k = chunks[0][0].shape[1]
+
+    def encode(cs: Chunks) -> list:
+        return [ids.tobytes() + lp.tobytes() for ids, lp in cs]
+
+    def decode(blobs: list) -> Chunks:
+        out = []
+        for blob in blobs:
+            m = len(blob) // (6 * k)
+            ids = np.frombuffer(blob, np.int32, m * k).reshape(m, k)
+            lp = np.frombuffer(blob, np.float16, m * k, offset=4 * m * k).reshape(m, k)
+            out.append((ids, lp))
+        return out
+
+    return measure("raw fp16+int32", "baseline", chunks, encode, decode, _sum_len, repeats)
+
+
+def bench_zstd_raw(chunks: Chunks, repeats: int) -> Result:
+    k = chunks[0][0].shape[1]
+    cctx = zstandard.ZstdCompressor(level=3)
+    dctx = zstandard.ZstdDecompressor()
+
+    def encode(cs: Chunks) -> list:
+        return [(cctx.compress(ids.tobytes()), cctx.compress(lp.tobytes())) for ids, lp in cs]
+
+    def decode(blobs: list) -> Chunks:
+        out = []
+        for a, b in blobs:
+            ids = np.frombuffer(dctx.decompress(a), np.int32).reshape(-1, k)
+            lp = np.frombuffer(dctx.decompress(b), np.float16).reshape(-1, k)
+            out.append((ids, lp))
+        return out
+
+    def size(blobs: list) -> int:
+        return sum(len(a) + len(b) for a, b in blobs)
+
+    return measure("zstd3(raw)", "baseline", chunks, encode, decode, size, repeats)
+
+
+def bench_parquet(chunks: Chunks, repeats: int) -> Result:
+    k = chunks[0][0].shape[1]
+    rows_per_group = chunks[0][0].shape[0]
+    leaf = {"topk_ids.list.element": "BYTE_STREAM_SPLIT"}
+    leaf["topk_logprobs.list.element"] = "BYTE_STREAM_SPLIT"
+
+    def encode(cs: Chunks) -> list:
+        ids = np.concatenate([c[0] for c in cs]).reshape(-1)
+        lp = np.concatenate([c[1] for c in cs]).reshape(-1)
+        table = pa.table(
+            {
+                "topk_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids), k),
+                "topk_logprobs": pa.FixedSizeListArray.from_arrays(pa.array(lp), k),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(
+            table,
+            buf,
+            compression="zstd",
+            compression_level=3,
+            use_dictionary=False,
+            column_encoding=leaf,
+            row_group_size=rows_per_group,
+        )
+        return [buf.getvalue()]
+
+    def decode(blobs: list) -> Chunks:
+        table = pq.read_table(pa.BufferReader(blobs[0]), use_threads=False)
+        out = []
+        ids_col, lp_col = table.column("topk_ids"), table.column("topk_logprobs")
+        for ids_chunk, lp_chunk in zip(ids_col.chunks, lp_col.chunks, strict=True):
+            ids = ids_chunk.flatten().to_numpy().reshape(-1, k)
+            lp = lp_chunk.flatten().to_numpy().reshape(-1, k)
+            out.append((ids, lp))
+        return _rechunk(out, [c[0].shape[0] for c in chunks])
+
+    result = measure("parquet bss+zstd3", "baseline", chunks, encode, decode, _sum_len, repeats)
+    meta = pq.ParquetFile(pa.BufferReader(encode(chunks[:1])[0])).metadata
+    encodings = {meta.row_group(0).column(i).encodings for i in range(2)}
+    if not all("BYTE_STREAM_SPLIT" in e for e in encodings):
+        raise RuntimeError(f"parquet baseline did not use BYTE_STREAM_SPLIT: {encodings}")
+    return result
+
+
+def _rechunk(chunks: Chunks, sizes: list[int]) -> Chunks:
+    """Split concatenated (ids, lp) back into chunks of the given sizes."""
+    ids = np.concatenate([c[0] for c in chunks])
+    lp = np.concatenate([c[1] for c in chunks])
+    bounds = np.cumsum([0, *sizes])
+    return [(ids[a:b], lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def bench_nemo_jsonl(chunks: Chunks, repeats: int, compress: bool) -> Result:
+    ids_all = np.concatenate([c[0] for c in chunks])[:NEMO_MAX_POSITIONS]
+    lp_all = np.concatenate([c[1] for c in chunks])[:NEMO_MAX_POSITIONS]
+    sub = [
+        (ids_all[i : i + NEMO_LINE_POSITIONS], lp_all[i : i + NEMO_LINE_POSITIONS])
+        for i in range(0, len(ids_all), NEMO_LINE_POSITIONS)
+    ]
+    cctx = zstandard.ZstdCompressor(level=3)
+    dctx = zstandard.ZstdDecompressor()
+
+    def encode(cs: Chunks) -> list:
+        lines = []
+        for ids, lp in cs:
+            # float64 keeps the max shift exact, so the round trip is checked bit for bit.
+            lp64 = lp.astype(np.float64)
+            top = lp64[:, :1]
+            line = {
+                "topk_logits": (lp64 - top).tolist(),  # NeMo shifts logits by their max
+                "topk_token_ids": ids.tolist(),
+                "log_sum_exp_logits": (-top[:, 0]).tolist(),
+            }
+            lines.append(json.dumps(line))
+        text = ("\n".join(lines) + "\n").encode()
+        return [cctx.compress(text) if compress else text]
+
+    def decode(blobs: list) -> Chunks:
+        text = dctx.decompress(blobs[0]) if compress else blobs[0]
+        out = []
+        for line in text.splitlines():
+            doc = json.loads(line)
+            logits = np.asarray(doc["topk_logits"], dtype=np.float64)
+            lse = np.asarray(doc["log_sum_exp_logits"], dtype=np.float64)
+            lp = (logits - lse[:, None]).astype(np.float16)
+            out.append((np.asarray(doc["topk_token_ids"], dtype=np.int32), lp))
+        return out
+
+    name = "nemo-jsonl+zstd3" if compress else "nemo-jsonl"
+    return measure(name, "baseline", sub, encode, decode, _sum_len, repeats, same_bits=False)
+
+
+def bench_megatron(chunks: Chunks, repeats: int, vocab_size: int) -> Result | None:
+    if vocab_size > MEGATRON_MAX_VOCAB:
+        return None
+    k = chunks[0][0].shape[1]
+    cctx = zstandard.ZstdCompressor(level=3)
+    dctx = zstandard.ZstdDecompressor()
+
+    def encode(cs: Chunks) -> list:
+        out = []
+        for ids, lp in cs:
+            low = (ids & 0xFFFF).astype(np.uint16)
+            bit16 = np.packbits((ids >> 16).astype(np.uint8).reshape(-1))
+            out.append((cctx.compress(low.tobytes() + bit16.tobytes() + lp.tobytes()), ids.size))
+        return out
+
+    def decode(blobs: list) -> Chunks:
+        out = []
+        for blob, n in blobs:
+            raw = dctx.decompress(blob)
+            low = np.frombuffer(raw, np.uint16, n)
+            packed = (n + 7) // 8
+            bits = np.unpackbits(np.frombuffer(raw, np.uint8, packed, offset=2 * n))[:n]
+            ids = (low.astype(np.int32) | (bits.astype(np.int32) << 16)).reshape(-1, k)
+            lp = np.frombuffer(raw, np.float16, n, offset=2 * n + packed).reshape(-1, k)
+            out.append((ids, lp))
+        return out
+
+    def size(blobs: list) -> int:
+        return sum(len(b) for b, _ in blobs)
+
+    return measure("megatron 17bit+zstd3", "baseline", chunks, encode, decode, size, repeats)
+
+
+def _sum_len(blobs: list) -> int:
+    return sum(len(b) for b in blobs)
+
+
+# -- our pipelines -------------------------------------------------------------------------
+
+
+def bench_pipeline(
+    chunks: Chunks, repeats: int, column: int, name: str, config: list[dict[str, Any]]
+) -> Result:
+    """One column (0: topk_ids, 1: topk_logprobs) through one codec pipeline, chunk by chunk."""
+    pipe = Pipeline.from_config(config)
+    k = chunks[0][0].shape[1]
+    dtype = np.int32 if column == 0 else np.float16
+    pipe.decode(pipe.encode(chunks[0][column][:4]), dtype, 4 * k)  # load numba kernels first
+
+    def encode(cs: Chunks) -> list:
+        return [(pipe.encode(c[column]), c[column].size) for c in cs]
+
+    def decode(blobs: list) -> Chunks:
+        out = []
+        for blob, count in blobs:
+            arr = pipe.decode(blob, dtype, count).reshape(-1, k)
+            out.append((arr, None) if column == 0 else (None, arr))
+        return out
+
+    def size(blobs: list) -> int:
+        return sum(len(b) for b, _ in blobs)
+
+    columns = (column == 0, column == 1)
+    kind = "ids" if column == 0 else "logprobs"
+    return measure(name, kind, chunks, encode, decode, size, repeats, columns, config)
+
+
+def bench_id_sorted_layout(chunks: Chunks, repeats: int) -> Result:
+    """The alternative row layout: ids sorted ascending (delta-coded), logprobs in id order.
+
+    Sorting by id turns the ids into a set that deltas compress well, but the logprobs lose
+    the descending order that fp16_key_delta exploits; decode re-sorts to canonical order.
+    """
+    k = chunks[0][0].shape[1]
+    ids_pipe = Pipeline.from_config([{"id": "int_delta"}, shuffle(4), zstd3()])
+    lp_pipe = Pipeline.from_config([shuffle(2), zstd3()])
+
+    def encode(cs: Chunks) -> list:
+        out = []
+        for ids, lp in cs:
+            order = np.argsort(ids, axis=1, kind="stable")
+            sorted_ids = np.take_along_axis(ids, order, axis=1)
+            sorted_lp = np.take_along_axis(lp, order, axis=1)
+            out.append((ids_pipe.encode(sorted_ids), lp_pipe.encode(sorted_lp), ids.size))
+        return out
+
+    def decode(blobs: list) -> Chunks:
+        out = []
+        for a, b, count in blobs:
+            ids = ids_pipe.decode(a, np.int32, count).reshape(-1, k)
+            lp = lp_pipe.decode(b, np.float16, count).reshape(-1, k)
+            out.append(canonical_order(ids, lp))
+        return out
+
+    def size(blobs: list) -> int:
+        return sum(len(a) + len(b) for a, b, _ in blobs)
+
+    config = {"topk_ids": ids_pipe.get_config(), "topk_logprobs": lp_pipe.get_config()}
+    name = "id-sorted rows (int_delta+shuffle4+zstd3 | shuffle2+zstd3)"
+    return measure(name, "ours", chunks, encode, decode, size, repeats, config=config)
+
+
+def combine(name: str, ids: Result, lp: Result) -> Result:
+    """Both columns: sizes and single-core times add (one core encodes both in turn)."""
+    return Result(
+        name,
+        "ours",
+        ids.bytes + lp.bytes,
+        ids.positions,
+        Timing(ids.encode.wall_s + lp.encode.wall_s, ids.encode.cpu_s + lp.encode.cpu_s),
+        Timing(ids.decode.wall_s + lp.decode.wall_s, ids.decode.cpu_s + lp.decode.cpu_s),
+        ids.lossless and lp.lossless,
+        {"topk_ids": ids.config, "topk_logprobs": lp.config},
+    )
+
+
+def bench_end_to_end(k: int, vocab_size: int, positions: int, repeats: int) -> Result:
+    """A real cache: CacheWriter (one encode thread) then open_cache().iter_records()."""
+    from logitcache import CacheWriter, open_cache
+
+    n_records = max(1, positions // 140)  # synthetic records hold ~140 targets on average
+    records = list(synthetic_records(n_records, k=k, vocab_size=vocab_size, seed=1))
+    tmp = tempfile.mkdtemp(prefix="bench-codec-")
+    url = f"{tmp}/cache"
+    try:
+
+        def write() -> Any:
+            with CacheWriter(url, k=k, vocab_size=vocab_size, overwrite=True, threads=1) as w:
+                for rec in records:
+                    w.add(**rec)
+            return w.manifest
+
+        def read() -> int:
+            rows = 0
+            with open_cache(url) as cache:
+                for rec in cache.iter_records():
+                    rows += rec.topk_ids.shape[0]
+            return rows
+
+        write_t, manifest = median_time(write, repeats)
+        read_t, rows = median_time(read, repeats)
+        with open_cache(url) as cache:
+            lossless = all(
+                np.array_equal(a.topk_ids, rec["topk_ids"])
+                and np.array_equal(
+                    a.topk_logprobs.view(np.uint16), rec["topk_logprobs"].view(np.uint16)
+                )
+                and np.array_equal(a.input_ids, rec["input_ids"])
+                for a, rec in zip(cache.iter_records(), records, strict=True)
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shard_bytes = sum(s.bytes for s in manifest.shards)
+    result = Result(
+        "e2e CacheWriter/open_cache", "e2e", shard_bytes, rows, write_t, read_t, lossless
+    )
+    result.extra = {
+        "records": manifest.records,
+        "tokens": manifest.tokens,
+        "targets": manifest.targets,
+        "records_per_cpu_s_write": manifest.records / write_t.cpu_s,
+        "records_per_cpu_s_read": manifest.records / read_t.cpu_s,
+        "records_per_wall_s_read": manifest.records / read_t.wall_s,
+        "note": "bytes of shard files (all columns) per target token; writer threads=1; "
+        "CPU seconds of all the process's threads",
+    }
+    return result
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def entropy_bounds(k: int, vocab_size: int, ids: np.ndarray) -> dict[str, float]:
+    log2_set = math.lgamma(vocab_size + 1) - math.lgamma(k + 1) - math.lgamma(vocab_size - k + 1)
+    log2_set /= math.log(2)
+    log2_perm = math.lgamma(k + 1) / math.log(2)
+    counts = np.bincount(ids.reshape(-1), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    h0 = float(-(p * np.log2(p)).sum())
+    return {
+        "uniform_set_bytes": log2_set / 8,
+        "uniform_ordered_bytes": (log2_set + log2_perm) / 8,
+        "h0_ids_bytes": h0 * k / 8,
+    }
+
+
+def run_config(k: int, vocab_size: int, positions: int, repeats: int, e2e: bool) -> dict:
+    t0 = time.perf_counter()
+    ids, lp = SyntheticTeacher(vocab_size, k, seed=0).rows(positions)
+    gen_s = time.perf_counter() - t0
+    rows_per_chunk = CHUNK_BYTES // (6 * k)
+    chunks = [
+        (ids[i : i + rows_per_chunk], lp[i : i + rows_per_chunk])
+        for i in range(0, positions, rows_per_chunk)
+    ]
+    results: list[Result] = [
+        bench_raw(chunks, repeats),
+        bench_zstd_raw(chunks, repeats),
+        bench_parquet(chunks, repeats),
+        bench_nemo_jsonl(chunks, repeats, compress=False),
+        bench_nemo_jsonl(chunks, repeats, compress=True),
+    ]
+    megatron = bench_megatron(chunks, repeats, vocab_size)
+    if megatron is not None:
+        results.append(megatron)
+    id_results = [bench_pipeline(chunks, repeats, 0, n, c) for n, c in id_candidates().items()]
+    lp_results = [
+        bench_pipeline(chunks, repeats, 1, n, c) for n, c in logprob_candidates(k).items()
+    ]
+    defaults = default_pipeline_configs(k)
+    ids_default = _find_or_run(id_results, defaults["topk_ids"], chunks, repeats, 0)
+    lp_default = _find_or_run(lp_results, defaults["topk_logprobs"], chunks, repeats, 1)
+    results.append(combine("ours default", ids_default, lp_default))
+    best_ids = min(id_results, key=lambda r: r.bytes)
+    best_lp = min(lp_results, key=lambda r: r.bytes)
+    results.append(combine(f"ours smallest ({best_ids.name} | {best_lp.name})", best_ids, best_lp))
+    results.append(bench_id_sorted_layout(chunks, repeats))
+    if e2e:
+        results.append(bench_end_to_end(k, vocab_size, positions, repeats))
+    return {
+        "k": k,
+        "vocab_size": vocab_size,
+        "positions": positions,
+        "rows_per_chunk": rows_per_chunk,
+        "generate_s": gen_s,
+        "teacher_statistics": row_statistics(ids, lp),
+        "bounds": entropy_bounds(k, vocab_size, ids),
+        "results": results,
+        "id_results": id_results,
+        "lp_results": lp_results,
+    }
+
+
+def _find_or_run(
+    results: list[Result], config: list, chunks: Chunks, repeats: int, column: int
+) -> Result:
+    for r in results:
+        if r.config == config:
+            return r
+    result = bench_pipeline(chunks, repeats, column, "default", config)
+    results.append(result)
+    return result
+
+
+def _row(r: Result, raw: Result, parquet: Result) -> list[Any]:
+    return [
+        r.name,
+        r.bytes_per_token,
+        r.bytes_per_token / raw.bytes_per_token,
+        r.bytes_per_token / parquet.bytes_per_token,
+        None if math.isinf(r.encode_tps) else r.encode_tps / 1e3,
+        None if math.isinf(r.decode_tps) else r.decode_tps / 1e3,
+        "yes" if r.lossless else "NO",
+    ]
+
+
+HEADERS = ["method", "B/token", "x raw", "x parquet", "enc ktok/s", "dec ktok/s", "lossless"]
+COLUMN_HEADERS = ["pipeline", "B/token", "enc ktok/s", "dec ktok/s", "lossless"]
+
+
+def print_config(cfg: dict) -> None:
+    results: list[Result] = cfg["results"]
+    raw, parquet = results[0], results[2]
+    b = cfg["bounds"]
+    print(
+        f"\n== K={cfg['k']} vocab={cfg['vocab_size']}: {cfg['positions']} positions, "
+        f"{cfg['rows_per_chunk']} per chunk; index-set bound {b['uniform_set_bytes']:.1f} B/token, "
+        f"ordered {b['uniform_ordered_bytes']:.1f}, H0(ids) {b['h0_ids_bytes']:.1f}"
+    )
+    print(format_table(HEADERS, [_row(r, raw, parquet) for r in results]))
+    for title, rows in (("topk_ids", cfg["id_results"]), ("topk_logprobs", cfg["lp_results"])):
+        print(f"  {title} column:")
+        table = format_table(
+            COLUMN_HEADERS,
+            [
+                [
+                    r.name,
+                    r.bytes_per_token,
+                    r.encode_tps / 1e3,
+                    r.decode_tps / 1e3,
+                    "yes" if r.lossless else "NO",
+                ]
+                for r in rows
+            ],
+        )
+        print("\n".join("  " + line for line in table.splitlines()))
+
+
+def check_targets(configs: list[dict]) -> list[dict[str, Any]]:
+    cfg = next((c for c in configs if c["k"] == TARGET_K and c["vocab_size"] == TARGET_VOCAB), None)
+    if cfg is None:
+        return []
+    results: list[Result] = cfg["results"]
+    raw, parquet = results[0], results[2]
+    ours = next(r for r in results if r.name == "ours default")
+    checks = [
+        ("size vs raw", ours.bytes_per_token / raw.bytes_per_token, "<=", TARGET_RAW_RATIO),
+        (
+            "size vs parquet",
+            ours.bytes_per_token / parquet.bytes_per_token,
+            "<=",
+            TARGET_PARQUET_RATIO,
+        ),
+        ("encode tokens/s per core", ours.encode_tps, ">=", TARGET_ENCODE),
+        ("decode tokens/s per core", ours.decode_tps, ">=", TARGET_DECODE),
+    ]
+    out = []
+    for name, value, op, target in checks:
+        met = value <= target if op == "<=" else value >= target
+        out.append({"target": name, "value": value, "op": op, "goal": target, "met": met})
+    return out
+
+
+def _result_json(r: Result) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "kind": r.kind,
+        "bytes": r.bytes,
+        "positions": r.positions,
+        "bytes_per_token": r.bytes_per_token,
+        "encode_wall_s": r.encode.wall_s,
+        "encode_cpu_s": r.encode.cpu_s,
+        "decode_wall_s": r.decode.wall_s,
+        "decode_cpu_s": r.decode.cpu_s,
+        "encode_tokens_per_s": None if math.isinf(r.encode_tps) else r.encode_tps,
+        "decode_tokens_per_s": None if math.isinf(r.decode_tps) else r.decode_tps,
+        "lossless": r.lossless,
+        "config": r.config,
+        **r.extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run for smoke tests")
+    parser.add_argument("--positions", type=int, help="target positions per configuration")
+    parser.add_argument("--repeats", type=int, help="timing repeats (median is reported)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the CacheWriter round trip")
+    parser.add_argument("--output", default="bench_codec", help="results/NAME.json to write")
+    args = parser.parse_args(argv)
+    positions = args.positions or (2048 if args.quick else 16384)
+    repeats = args.repeats or 3
+    grid = [(100, 128256)] if args.quick else [(k, v) for k in KS for v in VOCABS]
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+
+    start = time.perf_counter()
+    configs = []
+    for k, vocab_size in grid:
+        cfg = run_config(k, vocab_size, positions, repeats, e2e=not args.no_e2e)
+        print_config(cfg)
+        configs.append(cfg)
+    targets = check_targets(configs)
+    if targets:
+        print(f"\n== targets at K={TARGET_K}, vocab={TARGET_VOCAB} (ours default)")
+        for t in targets:
+            value = t["value"]
+            shown = f"{value:.3f}" if value < 10 else f"{value:,.0f}"
+            print(
+                f"  {t['target']}: {shown} {t['op']} {t['goal']:,}: "
+                f"{'met' if t['met'] else 'NOT met'}"
+            )
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+    payload = {
+        "positions": positions,
+        "repeats": repeats,
+        "chunk_bytes": CHUNK_BYTES,
+        "targets": targets,
+        "configs": [
+            {
+                **{key: cfg[key] for key in ("k", "vocab_size", "positions", "rows_per_chunk")},
+                "teacher_statistics": cfg["teacher_statistics"],
+                "bounds": cfg["bounds"],
+                "results": [_result_json(r) for r in cfg["results"]],
+                "topk_ids_pipelines": [_result_json(r) for r in cfg["id_results"]],
+                "topk_logprobs_pipelines": [_result_json(r) for r in cfg["lp_results"]],
+            }
+            for cfg in configs
+        ],
+    }
+    path = write_results(args.output, payload)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
