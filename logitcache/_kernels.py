@@ -6,8 +6,13 @@ first (codecs.py, writer.py). numba has no CPU float16, so fp16 values travel as
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit
+
+if sys.byteorder != "little":  # the kernels view little-endian bytes as native integers
+    raise ImportError("logitcache needs a little-endian host")
 
 _JIT = {"cache": True, "nogil": True, "boundscheck": False}
 
@@ -16,6 +21,22 @@ _JIT = {"cache": True, "nogil": True, "boundscheck": False}
 def byte_shuffle(src, elementsize, out):  # pragma: no cover - compiled
     """out[b * n + i] = src[i * elementsize + b]: byte b of every element, plane by plane."""
     n = src.shape[0] // elementsize
+    if elementsize == 4:
+        words = src[: n * 4].view(np.uint32)
+        for i in range(n):
+            w = words[i]
+            out[i] = w & 0xFF
+            out[n + i] = (w >> 8) & 0xFF
+            out[2 * n + i] = (w >> 16) & 0xFF
+            out[3 * n + i] = w >> 24
+        return
+    if elementsize == 2:
+        halves = src[: n * 2].view(np.uint16)
+        for i in range(n):
+            h = halves[i]
+            out[i] = h & 0xFF
+            out[n + i] = h >> 8
+        return
     for b in range(elementsize):
         base = b * n
         for i in range(n):
@@ -25,6 +46,21 @@ def byte_shuffle(src, elementsize, out):  # pragma: no cover - compiled
 @njit(**_JIT)
 def byte_unshuffle(src, elementsize, out):  # pragma: no cover - compiled
     n = src.shape[0] // elementsize
+    if elementsize == 4:
+        words = out[: n * 4].view(np.uint32)
+        for i in range(n):
+            words[i] = (
+                np.uint32(src[i])
+                | (np.uint32(src[n + i]) << 8)
+                | (np.uint32(src[2 * n + i]) << 16)
+                | (np.uint32(src[3 * n + i]) << 24)
+            )
+        return
+    if elementsize == 2:
+        halves = out[: n * 2].view(np.uint16)
+        for i in range(n):
+            halves[i] = np.uint16(src[i]) | (np.uint16(src[n + i]) << 8)
+        return
     for b in range(elementsize):
         base = b * n
         for i in range(n):
@@ -37,36 +73,36 @@ def fp16_key_delta_encode(bits, row_length, out):  # pragma: no cover - compiled
 
     The key of a non-negative value is bits | 0x8000, of a negative value ~bits: keys sort as
     the values do, so a row in descending order becomes one key and small non-negative gaps.
+    A trailing partial row is treated as a row of its own.
     """
     n = bits.shape[0]
-    prev = np.uint16(0)
-    for i in range(n):
-        b = bits[i]
-        if b & 0x8000:
-            key = np.uint16(~b & 0xFFFF)
-        else:
-            key = np.uint16(b | 0x8000)
-        if i % row_length == 0:
-            out[i] = key
-        else:
-            out[i] = np.uint16((prev - key) & 0xFFFF)
-        prev = key
+    for start in range(0, n, row_length):
+        prev = np.uint16(0)
+        for i in range(start, min(start + row_length, n)):
+            b = bits[i]
+            if b & 0x8000:
+                key = np.uint16(~b & 0xFFFF)
+            else:
+                key = np.uint16(b | 0x8000)
+            if i == start:
+                out[i] = key
+            else:
+                out[i] = np.uint16((prev - key) & 0xFFFF)
+            prev = key
 
 
 @njit(**_JIT)
 def fp16_key_delta_decode(deltas, row_length, out):  # pragma: no cover - compiled
     n = deltas.shape[0]
-    key = np.uint16(0)
-    for i in range(n):
-        d = deltas[i]
-        if i % row_length == 0:
-            key = d
-        else:
-            key = np.uint16((key - d) & 0xFFFF)
-        if key & 0x8000:
-            out[i] = np.uint16(key & 0x7FFF)
-        else:
-            out[i] = np.uint16(~key & 0xFFFF)
+    for start in range(0, n, row_length):
+        key = np.uint16(deltas[start])
+        for i in range(start, min(start + row_length, n)):
+            if i != start:
+                key = np.uint16((key - deltas[i]) & 0xFFFF)
+            if key & 0x8000:
+                out[i] = np.uint16(key & 0x7FFF)
+            else:
+                out[i] = np.uint16(~key & 0xFFFF)
 
 
 @njit(**_JIT)

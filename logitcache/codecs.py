@@ -319,7 +319,7 @@ class Pipeline:
 
 def default_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
     """The pipelines a writer uses unless told otherwise (chosen by benchmarks/bench_codec.py)."""
-    zstd = {"id": "zstd", "level": 3}
+    zstd = {"id": "zstd", "level": 1}
     return {
         COL_RECORD_LENGTHS: [zstd],
         COL_INPUT_IDS: [{"id": "shuffle", "elementsize": 4}, zstd],
