@@ -1,0 +1,561 @@
+"""PyTorch side of logitcache: streaming and map-style datasets, a resumable loader, collate_kd.
+
+The only logitcache module that imports torch. Datasets pickle only their URL and options;
+every process (each DataLoader worker included) opens its own cache and storage client.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED, Record
+from .partition import rank_span, round_robin_state, worker_span
+from .reader import LogitCache, open_cache
+from .shuffle import ChunkTable, EpochSequence, chunk_order, window_permutation
+
+STATE_VERSION = 1
+IGNORE_INDEX = -100
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("pass both rank and world_size, or neither")
+        return int(rank), int(world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _CacheHandle:
+    """Opens the cache lazily, once per process; never pickled."""
+
+    def __init__(self, url: str, options: dict[str, Any]):
+        self.url = url
+        self.options = options
+        self._cache: LogitCache | None = None
+        self._pid: int | None = None
+
+    @property
+    def cache(self) -> LogitCache:
+        import os
+
+        if self._cache is None or self._pid != os.getpid():
+            # After a fork the parent's maps and clients are not ours to use or close.
+            self._cache = open_cache(self.url, **self.options)
+            self._pid = os.getpid()
+        return self._cache
+
+    def close(self) -> None:
+        import os
+
+        if self._cache is not None and self._pid == os.getpid():
+            self._cache.close()
+        self._cache = None
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["options"])
+
+
+class LogitCacheDataset(IterableDataset):
+    """Streams the records of a cache in a deterministic order from (seed, epoch).
+
+    Order: shards permuted, chunks permuted within each shard, then records permuted within
+    windows of `shuffle_window` records (the bounded shuffle buffer). Ranks (torch.distributed
+    if initialised, else `rank`/`world_size`) take contiguous slices of the epoch order, and
+    DataLoader workers contiguous slices of their rank's; `uneven` says how a record count that
+    does not divide evenly across ranks is handled: "pad" (default; repeats the first few
+    records of the epoch order), "drop", or "none" (each record exactly once, ranks differ by
+    at most one record). See logitcache.partition.rank_span.
+
+    Resuming: `state_dict()` after iterating in this process, or LogitCacheLoader.state_dict()
+    with DataLoader workers, holds the epoch and how many samples each worker had handed out;
+    `load_state_dict()` continues exactly there without reading what was consumed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
+        cache_limit_bytes: int | None = None,
+        k: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_window: int = 4096,
+        uneven: str = "pad",
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch_shards: int = 2,
+    ):
+        if shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
+        self.url = url
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.shuffle_window = int(shuffle_window)
+        self.uneven = uneven
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        rank_span(0, self.rank, self.world_size, uneven)  # validates early
+        self.prefetch_shards = int(prefetch_shards)
+        self.epoch = 0
+        self._handle = _CacheHandle(
+            url,
+            {
+                "storage_options": storage_options,
+                "cache_dir": cache_dir,
+                "cache_limit_bytes": cache_limit_bytes,
+                "k": k,
+            },
+        )
+        self._resume: dict[str, Any] | None = None
+        self._yielded = 0  # samples handed out in this process during this epoch (no workers)
+
+    # -- what the cache looks like -----------------------------------------------------
+    @property
+    def cache(self) -> LogitCache:
+        return self._handle.cache
+
+    @property
+    def positions(self) -> str:
+        return self.cache.manifest.positions
+
+    @property
+    def is_remote(self) -> bool:
+        return not self.cache.store.is_local
+
+    def __len__(self) -> int:
+        """Samples this rank yields in one epoch (over all of its workers)."""
+        start, stop = rank_span(len(self.cache), self.rank, self.world_size, self.uneven)
+        return stop - start
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration yields (drops a pending resume)."""
+        if epoch != self.epoch:
+            self._resume = None
+        self.epoch = int(epoch)
+        self._yielded = 0
+
+    # -- the plan ----------------------------------------------------------------------
+    def _sequence(self, epoch: int) -> EpochSequence:
+        table = ChunkTable.from_manifest(self.cache.manifest)
+        return EpochSequence(
+            table, chunk_order(table, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        )
+
+    def worker_spans(self, num_workers: int) -> list[tuple[int, int]]:
+        """Epoch positions [start, stop) of each worker of this rank (0 workers: one span)."""
+        start, stop = rank_span(len(self.cache), self.rank, self.world_size, self.uneven)
+        n = max(1, num_workers)
+        return [worker_span(start, stop, w, n) for w in range(n)]
+
+    def worker_indices(
+        self, epoch: int, num_workers: int, worker: int, skip: int = 0
+    ) -> np.ndarray:
+        """Global record indices that `worker` yields in `epoch`, after the first `skip`."""
+        seq = self._sequence(epoch)
+        return np.concatenate(
+            [idx for idx, _ in self._windows(seq, epoch, num_workers, worker, skip)]
+            or [np.zeros(0, np.int64)]
+        )
+
+    def _windows(self, seq: EpochSequence, epoch: int, num_workers: int, worker: int, skip: int):
+        """(record indices, (chunk ids, offsets)) per window, in yield order, after `skip`."""
+        start, stop = self.worker_spans(num_workers)[worker]
+        n, size = stop - start, self.shuffle_window
+        stream = self.rank * max(1, num_workers) + worker
+        for window in range(skip // size, -(-n // size)):
+            lo = start + window * size
+            hi = min(stop, lo + size)
+            perm = window_permutation(
+                self.seed, epoch, stream, window, hi - lo, shuffle=self.shuffle
+            )
+            if window == skip // size:
+                perm = perm[skip % size :]
+            chunk_ids, offsets = seq.locate(lo, hi)
+            chunk_ids, offsets = chunk_ids[perm], offsets[perm]
+            yield seq.table.start[chunk_ids] + offsets, (chunk_ids, offsets, lo, hi, stop)
+
+    # -- iteration ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Record]:
+        info = get_worker_info()
+        worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
+        epoch = self.epoch
+        worker, skip = self._resume_point(epoch, num_workers, worker)
+        if info is None:
+            self._yielded = skip
+        cache = self.cache
+        seq = self._sequence(epoch)
+        table = seq.table
+        held: set[int] = set()
+        for _, (chunk_ids, offsets, _lo, hi, stop) in self._windows(
+            seq, epoch, num_workers, worker, skip
+        ):
+            self._prefetch(seq, hi, stop)
+            # Decode each chunk of the window once, then hand records out in window order.
+            decoded: dict[int, list[Record]] = {}
+            for c in np.unique(chunk_ids).tolist():
+                decoded[c] = cache.read_chunk(int(table.shard[c]), int(table.chunk[c]))
+            now = {int(table.shard[c]) for c in decoded}
+            self._release(held - now)
+            held = now
+            for c, o in zip(chunk_ids.tolist(), offsets.tolist(), strict=True):
+                if info is None:
+                    self._yielded += 1
+                yield decoded[c][o]
+        self._release(held)
+        if info is None:
+            # A finished epoch: the next iteration starts the next one from the beginning.
+            self._resume = None
+
+    def _prefetch(self, seq: EpochSequence, hi: int, stop: int) -> None:
+        """Ask the store for the next shards this worker will read (remote stores only)."""
+        cache = self.cache
+        if cache.store.is_local or self.prefetch_shards < 1:
+            return
+        ahead = seq.shards_between(hi, min(stop, hi + 4 * self.shuffle_window))
+        shards = cache.manifest.shards
+        cache.store.prefetch(
+            [
+                (shards[s].path, shards[s].bytes, shards[s].checksum)
+                for s in ahead[: self.prefetch_shards]
+            ]
+        )
+
+    def _release(self, shards: set[int]) -> None:
+        """Unmap shards this worker has moved past, so a remote cache can evict them."""
+        cache = self.cache
+        if cache.store.is_local or not shards:
+            return
+        # LogitCache keeps every opened shard mapped; the loader knows when one is done.
+        with cache._lock:
+            for s in shards:
+                opened = cache._shards.pop(s, None)
+                if opened is not None:
+                    for key in [key for key in cache._chunks if key[0] == s]:
+                        del cache._chunks[key]
+                    opened.close()
+
+    # -- resuming ----------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "records": len(self.cache),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
+            "uneven": self.uneven,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def _resume_point(self, epoch: int, num_workers: int, slot: int) -> tuple[int, int]:
+        """(the worker whose stream DataLoader worker `slot` serves, samples to skip in it)."""
+        state = self._resume
+        if state is None or state["epoch"] != epoch:
+            return slot, 0
+        if state["num_workers"] != num_workers:
+            raise ValueError(
+                f"resume state was saved with num_workers={state['num_workers']}, but this "
+                f"DataLoader has num_workers={num_workers}; resume with the same number of workers"
+            )
+        # The DataLoader's round-robin restarts at worker 0: rotate so the stream that was
+        # due next comes first.
+        worker = (slot + int(state["worker_rotation"])) % max(1, num_workers)
+        return worker, int(state["samples_consumed"][worker])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where iteration in this process stands (use LogitCacheLoader.state_dict with workers)."""
+        return self._state(0, [self._yielded], 0)
+
+    def _state(self, num_workers: int, samples_consumed: list[int], rotation: int) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "num_workers": num_workers,
+            "samples_consumed": [int(s) for s in samples_consumed],
+            "worker_rotation": int(rotation),
+            **self._identity(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: the next iteration yields exactly what had not been consumed."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"loader state version {state.get('version')!r} is not {STATE_VERSION}"
+            )
+        mine = self._identity()
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"loader state field {key!r} is {state.get(key)!r} but this dataset has "
+                    f"{value!r}; resume with the same cache, seed, shuffle and world layout"
+                )
+        spans = self.worker_spans(state["num_workers"])
+        consumed = state["samples_consumed"]
+        if len(consumed) != len(spans) or any(
+            not 0 <= c <= hi - lo for c, (lo, hi) in zip(consumed, spans, strict=True)
+        ):
+            raise ValueError(f"loader state samples_consumed={consumed!r} does not fit this epoch")
+        self.epoch = int(state["epoch"])
+        self._resume = dict(state)
+        self._yielded = int(consumed[0]) if state["num_workers"] == 0 else 0
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_yielded"] = 0
+        return state
+
+
+class LogitCacheMapDataset(Dataset):
+    """Random access to the records of a cache: `len(ds)`, `ds[i] -> Record`.
+
+    For samplers of your own (e.g. torch's DistributedSampler); streaming large remote caches
+    is what LogitCacheDataset is for, since random access fetches whole shards.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
+        cache_limit_bytes: int | None = None,
+        k: int | None = None,
+    ):
+        self.url = url
+        self._handle = _CacheHandle(
+            url,
+            {
+                "storage_options": storage_options,
+                "cache_dir": cache_dir,
+                "cache_limit_bytes": cache_limit_bytes,
+                "k": k,
+            },
+        )
+
+    @property
+    def cache(self) -> LogitCache:
+        return self._handle.cache
+
+    @property
+    def positions(self) -> str:
+        return self.cache.manifest.positions
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.cache[int(index)]
+
+
+# -- collation ---------------------------------------------------------------------------
+
+
+def _infer_positions(record: Record, b: int) -> str:
+    n, t = record.num_targets, record.num_tokens
+    supervised = int(np.count_nonzero(record.loss_mask))
+    if n == supervised:
+        return POSITIONS_SUPERVISED  # also right for "all" when every position is a target
+    if n == t - 1:
+        return POSITIONS_ALL
+    raise ValueError(
+        f"record {b} ({record.sample_id!r}): {n} teacher rows fit neither positions mode "
+        f"({supervised} supervised targets, {t - 1} positions); pass positions= explicitly"
+    )
+
+
+def collate_kd(
+    records: Sequence[Record],
+    *,
+    positions: str | None = None,
+    pad_to_multiple_of: int | None = None,
+    pin_memory: bool = False,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Batch records for KD training: padded token tensors plus packed teacher rows.
+
+    Returns input_ids [B, L] (long), attention_mask [B, L] (long), labels [B, L] (long:
+    input_ids where loss_mask is true, else -100), kd_ids [M, K] (long), kd_logprobs [M, K]
+    (float16) and kd_index [M] (long): the flat index b * L + p into [B, L] of the target token
+    each teacher row describes. The student logits that predict it are at flat index
+    kd_index - 1 (same row, since p >= 1). In positions mode "all" only rows whose position is
+    a training target (loss_mask true) are kept, so M always equals the number of labels != -100.
+    `positions` is inferred from the row counts when not given (the shapes decide it).
+    """
+    if not records:
+        raise ValueError("collate_kd needs at least one record")
+    if positions is not None and positions not in POSITIONS_MODES:
+        raise ValueError(f"positions={positions!r}: choose one of {POSITIONS_MODES}")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    lengths = [r.num_tokens for r in records]
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    k = records[0].topk_ids.shape[1]
+    batch = len(records)
+    input_ids = np.full((batch, width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((batch, width), dtype=np.int64)
+    labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+    kd_ids, kd_logprobs, kd_index = [], [], []
+    for b, r in enumerate(records):
+        if r.topk_ids.shape[1] != k:
+            raise ValueError(
+                f"record {b} ({r.sample_id!r}): K={r.topk_ids.shape[1]}, batch has {k}"
+            )
+        t = r.num_tokens
+        input_ids[b, :t] = r.input_ids
+        attention_mask[b, :t] = 1
+        labels[b, :t] = np.where(r.loss_mask, r.input_ids, IGNORE_INDEX)
+        mode = positions or _infer_positions(r, b)
+        rows_at = r.target_positions(mode)
+        if len(rows_at) != r.num_targets:
+            raise ValueError(
+                f"record {b} ({r.sample_id!r}): {r.num_targets} teacher rows, but positions "
+                f"mode {mode!r} describes {len(rows_at)}"
+            )
+        ids, lps = r.topk_ids, r.topk_logprobs
+        if mode == POSITIONS_ALL:
+            keep = r.loss_mask[rows_at]
+            rows_at, ids, lps = rows_at[keep], ids[keep], lps[keep]
+        kd_ids.append(ids)
+        kd_logprobs.append(lps)
+        kd_index.append(b * width + rows_at)
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "labels": torch.from_numpy(labels),
+        "kd_ids": torch.from_numpy(np.concatenate(kd_ids).astype(np.int64, copy=False)),
+        "kd_logprobs": torch.from_numpy(np.ascontiguousarray(np.concatenate(kd_logprobs))),
+        "kd_index": torch.from_numpy(np.concatenate(kd_index).astype(np.int64, copy=False)),
+    }
+    if pin_memory:
+        if torch.cuda.is_available():
+            out = {name: t.pin_memory() for name, t in out.items()}
+        else:
+            warnings.warn(
+                "collate_kd(pin_memory=True): no CUDA device, tensors left unpinned", stacklevel=2
+            )
+    return out
+
+
+# -- the resumable loader ----------------------------------------------------------------
+
+
+class LogitCacheLoader(DataLoader):
+    """A DataLoader over a LogitCacheDataset that counts what it delivered, to resume there.
+
+    Batches are collate_kd dicts. `state_dict()` holds the epoch and, per worker, the samples
+    handed out when the consumer had received its last batch; `load_state_dict()` makes the
+    next iteration yield exactly the batches an uninterrupted run would have yielded next
+    (same batch_size, num_workers and drop_last). A complete pass advances the dataset's epoch.
+    Workers start with forkserver (spawn where there is none) for remote caches, since
+    fsspec/s3fs clients are not fork-safe.
+    """
+
+    def __init__(
+        self,
+        dataset: LogitCacheDataset,
+        batch_size: int,
+        *,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        pad_to_multiple_of: int | None = None,
+        pad_token_id: int = 0,
+        pin_memory: bool = False,
+        multiprocessing_context=None,
+        **kwargs,
+    ):
+        if not isinstance(dataset, LogitCacheDataset):
+            raise TypeError("LogitCacheLoader needs a LogitCacheDataset")
+        if kwargs.get("persistent_workers"):
+            raise ValueError(
+                "persistent_workers is not supported: the epoch and resume point reach the "
+                "workers when each epoch starts"
+            )
+        if num_workers > 0 and multiprocessing_context is None and dataset.is_remote:
+            methods = multiprocessing.get_all_start_methods()
+            multiprocessing_context = "forkserver" if "forkserver" in methods else "spawn"
+        collate = functools.partial(
+            collate_kd,
+            positions=dataset.positions,
+            pad_to_multiple_of=pad_to_multiple_of,
+            pad_token_id=pad_token_id,
+        )
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            drop_last=drop_last,
+            collate_fn=kwargs.pop("collate_fn", collate),
+            pin_memory=pin_memory,
+            multiprocessing_context=multiprocessing_context,
+            **kwargs,
+        )
+        self._batches = 0  # delivered in the current epoch since the consumed point below
+        self._base: list[int] | None = None  # samples consumed per worker before this pass
+
+    def __iter__(self):
+        dataset: LogitCacheDataset = self.dataset
+        epoch = dataset.epoch
+        spans = dataset.worker_spans(self.num_workers)
+        resume = dataset._resume
+        if resume is not None and resume["epoch"] == epoch:
+            base, rotation = list(resume["samples_consumed"]), int(resume["worker_rotation"])
+        else:
+            base, rotation = [0] * len(spans), 0
+        self._base, self._rotation, self._batches, self._epoch = base, rotation, 0, epoch
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+        if dataset.epoch == epoch:
+            dataset.set_epoch(epoch + 1)
+        self._base, self._batches = None, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        dataset: LogitCacheDataset = self.dataset
+        spans = dataset.worker_spans(self.num_workers)
+        n = len(spans)
+        if self._base is None:
+            return dataset._state(self.num_workers, [0] * n, 0)
+        # DataLoader slot i has been serving worker (i + rotation) % n since this pass began.
+        workers = [(i + self._rotation) % n for i in range(n)]
+        remaining = [spans[w][1] - spans[w][0] - self._base[w] for w in workers]
+        now, upcoming = round_robin_state(remaining, self.batch_size, self.drop_last, self._batches)
+        consumed = list(self._base)
+        for slot, w in enumerate(workers):
+            consumed[w] += now[slot]
+        state = dataset._state(self.num_workers, consumed, workers[upcoming])
+        state["epoch"] = self._epoch
+        state["batch_size"] = self.batch_size
+        state["drop_last"] = self.drop_last
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in (("batch_size", self.batch_size), ("drop_last", self.drop_last)):
+            if key in state and state[key] != value:
+                raise ValueError(
+                    f"loader state field {key!r} is {state[key]!r} but this loader has {value!r}"
+                )
+        self.dataset.load_state_dict(state)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LogitCacheDataset",
+    "LogitCacheLoader",
+    "LogitCacheMapDataset",
+    "collate_kd",
+]
