@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
-from . import _kernels
 from .format import (
     COL_INPUT_IDS,
     COL_LOSS_MASK,
@@ -25,6 +24,19 @@ from .format import (
     COL_TOPK_LOGPROBS,
     CorruptCacheError,
 )
+
+_KERNELS = None
+
+
+def kernels():
+    """The numba kernels, imported on first use: `import logitcache` and commands that only
+    read manifests then start without loading numba."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels
+
+        _KERNELS = _kernels
+    return _KERNELS
 
 
 class CodecError(CorruptCacheError):
@@ -154,14 +166,14 @@ class Shuffle(Codec):
     def encode(self, buf: np.ndarray) -> np.ndarray:
         self._check(buf.size)
         out = np.empty_like(buf)
-        _kernels.byte_shuffle(buf, self.elementsize, out)
+        kernels().byte_shuffle(buf, self.elementsize, out)
         return out
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         self._check_size(buf.size, decoded_size, exact)
         self._check(buf.size)
         out = np.empty(buf.size, dtype=np.uint8)
-        _kernels.byte_unshuffle(buf, self.elementsize, out)
+        kernels().byte_unshuffle(buf, self.elementsize, out)
         return out
 
 
@@ -188,7 +200,7 @@ class Fp16KeyDelta(Codec):
         if buf.size % 2:
             raise CodecError("fp16_key_delta: odd number of bytes")
         out = np.empty(buf.size // 2, dtype=np.uint16)
-        _kernels.fp16_key_delta_encode(buf.view(np.uint16), self.row_length, out)
+        kernels().fp16_key_delta_encode(buf.view(np.uint16), self.row_length, out)
         return out.view(np.uint8)
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
@@ -196,7 +208,7 @@ class Fp16KeyDelta(Codec):
         if buf.size % 2:
             raise CodecError("fp16_key_delta: odd number of bytes")
         out = np.empty(buf.size // 2, dtype=np.uint16)
-        _kernels.fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length, out)
+        kernels().fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length, out)
         return out.view(np.uint8)
 
 
@@ -209,7 +221,7 @@ class Int32Delta(Codec):
         if buf.size % 4:
             raise CodecError("int_delta: size is not a multiple of 4")
         out = np.empty(buf.size // 4, dtype=np.int32)
-        _kernels.int32_delta_encode(buf.view(np.int32), out)
+        kernels().int32_delta_encode(buf.view(np.int32), out)
         return out.view(np.uint8)
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
@@ -217,7 +229,7 @@ class Int32Delta(Codec):
         if buf.size % 4:
             raise CodecError("int_delta: size is not a multiple of 4")
         out = np.empty(buf.size // 4, dtype=np.int32)
-        _kernels.int32_delta_decode(_aligned(buf).view(np.int32), out)
+        kernels().int32_delta_decode(_aligned(buf).view(np.int32), out)
         return out.view(np.uint8)
 
 
@@ -231,12 +243,12 @@ class Varint(Codec):
         if buf.size % 4:
             raise CodecError("varint: size is not a multiple of 4")
         out = np.empty(self.max_encoded_size(buf.size), dtype=np.uint8)
-        used = _kernels.varint_encode(buf.view(np.uint32), out)
+        used = kernels().varint_encode(buf.view(np.uint32), out)
         return out[:used]
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         out = np.empty(decoded_size // 4, dtype=np.uint32)
-        count = _kernels.varint_decode(buf, out)
+        count = kernels().varint_decode(buf, out)
         if count < 0:
             raise CodecError("varint: malformed or truncated data")
         self._check_size(count * 4, decoded_size, exact)

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, _kernels
-from .codecs import Pipeline, default_pipeline_configs
+from . import __version__
+from .codecs import Pipeline, default_pipeline_configs, kernels
 from .format import (
     COL_INPUT_IDS,
     COL_LOSS_MASK,
@@ -42,12 +42,13 @@ from .storage import open_store
 _FP16_MIN = float(np.finfo(np.float16).min)
 _EXP_TABLE: np.ndarray | None = None
 
+# Messages for the status codes of _kernels.check_and_canonicalize_rows (1..5).
 _ROW_ERRORS = {
-    _kernels.ROW_ID_OUT_OF_RANGE: ("topk_ids", "id {value} is outside [0, vocab_size={vocab})"),
-    _kernels.ROW_NOT_FINITE: ("topk_logprobs", "value {value} is not finite"),
-    _kernels.ROW_POSITIVE: ("topk_logprobs", "value {value} > 0 is not a log-probability"),
-    _kernels.ROW_DUPLICATE_ID: ("topk_ids", "id {value} appears twice in the row"),
-    _kernels.ROW_MASS_TOO_LARGE: (
+    1: ("topk_ids", "id {value} is outside [0, vocab_size={vocab})"),
+    2: ("topk_logprobs", "value {value} is not finite"),
+    3: ("topk_logprobs", "value {value} > 0 is not a log-probability"),
+    4: ("topk_ids", "id {value} appears twice in the row"),
+    5: (
         "topk_logprobs",
         "the row's probabilities sum to {value:.4g} > 1; pass log_softmax outputs, not logits",
     ),
@@ -244,12 +245,55 @@ class CacheWriter:
                 sample_id=None if sample_ids is None else sample_ids[i],
             )
 
+    def add_padded(
+        self,
+        *,
+        input_ids,
+        loss_mask,
+        lengths,
+        topk_ids,
+        topk_logprobs,
+        sample_ids=None,
+    ) -> None:
+        """Add a padded batch in the layout a teacher forward pass produces.
+
+        input_ids, loss_mask: [B, L]; lengths: [B] real lengths; topk_ids, topk_logprobs:
+        [B, L, K] where row [b, p] is the distribution of token p, that is the teacher's
+        output at position p - 1 already shifted by one (row [b, 0] is ignored). Only the rows
+        of stored positions are kept: those with loss_mask true, or every p >= 1 in "all" mode.
+        """
+        ids, mask = np.asarray(input_ids), np.asarray(loss_mask)
+        lengths = np.asarray(lengths)
+        if ids.ndim != 2 or mask.shape != ids.shape or lengths.shape != (ids.shape[0],):
+            raise ValueError(
+                f"add_padded: input_ids {ids.shape} and loss_mask {mask.shape} must be [B, L] "
+                f"and lengths {lengths.shape} must be [B]"
+            )
+        rows_ids, rows_lp = np.asarray(topk_ids), np.asarray(topk_logprobs)
+        want = (*ids.shape, self.k)
+        for name, rows in (("topk_ids", rows_ids), ("topk_logprobs", rows_lp)):
+            if rows.shape != want:
+                raise ValueError(f"add_padded: {name} has shape {rows.shape}, expected {want}")
+        if lengths.size and (lengths.min() < 1 or lengths.max() > ids.shape[1]):
+            raise ValueError(f"add_padded: lengths must be in [1, L={ids.shape[1]}]")
+        for b, t in enumerate(lengths.tolist()):
+            m = mask[b, :t]
+            keep = np.arange(1, t) if self.positions == POSITIONS_ALL else np.flatnonzero(m)
+            self.add(
+                input_ids=ids[b, :t],
+                loss_mask=m,
+                topk_ids=rows_ids[b, keep],
+                topk_logprobs=rows_lp[b, keep],
+                sample_id=None if sample_ids is None else sample_ids[b],
+            )
+
     def _check_rows(self, index: int, ids: np.ndarray, logprobs: np.ndarray) -> None:
         if ids.shape[0] == 0:
             return
         result = np.zeros(3, dtype=np.int64)
         bits = logprobs.view(np.uint16)
-        _kernels.check_and_canonicalize_rows(
+        kern = kernels()
+        kern.check_and_canonicalize_rows(
             ids,
             bits,
             self.vocab_size,
@@ -261,9 +305,9 @@ class CacheWriter:
         )
         self._stamp_base += ids.shape[0]
         status, row, col = (int(v) for v in result)
-        if status != _kernels.ROW_OK:
+        if status != kern.ROW_OK:
             field, template = _ROW_ERRORS[status]
-            if status == _kernels.ROW_MASS_TOO_LARGE:
+            if status == kern.ROW_MASS_TOO_LARGE:
                 value = float(np.exp(logprobs[row].astype(np.float64)).sum())
             elif field == "topk_ids":
                 value = int(ids[row, col])
