@@ -1,0 +1,369 @@
+"""The `logitcache` command line: inspect, verify, convert and merge caches.
+
+This module only parses arguments and calls library functions. Exit status: 0 ok, 1 a problem
+was found (or an error stopped the command), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .format import POSITIONS_MODES, CacheError
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """A byte count such as 2097152, 2M, 256MiB or 1G."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and t[-1:] else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (e.g. 2097152, 2M, 256MiB)"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given inline or as @path/to/file.json."""
+    source = text
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                source = f.read()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {e.strerror}") from None
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        type=_json_object,
+        metavar="JSON",
+        help="fsspec storage options for remote URLs, inline JSON or @file.json "
+        '(e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\')',
+    )
+
+
+def _add_cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="local directory for shards fetched from remote URLs"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logitcache",
+        description="Inspect, verify, convert and merge logitcache caches "
+        "(a teacher's top-K next-token distributions for offline distillation).",
+        epilog="Exit status: 0 ok, 1 problem found, 2 usage error. "
+        "Run 'logitcache COMMAND --help' for the options of a command.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"logitcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a cache and the teacher's distributions",
+        description="Print a summary of a cache (format version, K, vocabulary size, positions "
+        "mode, teacher and tokenizer, records, tokens, target tokens, bytes, bytes per target, "
+        "compression against raw int32 ids + fp16 logprobs, shards) and quantiles of the "
+        "teacher's distributions (top-1 probability, entropy within the top-K, tail mass "
+        "1 - sum(p)) over a sample of records. With --record, show one record instead.",
+    )
+    p.add_argument("url", help="cache directory or URL (s3://..., memory://...)")
+    p.add_argument("--record", type=int, metavar="I", help="show record I token by token")
+    p.add_argument(
+        "--top",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="candidates shown per token with --record (default 5)",
+    )
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="local tokenizer directory to decode tokens as text"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for machines instead of text")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write PNG histograms (tail mass, top-1 probability, entropy) to DIR",
+    )
+    p.add_argument(
+        "--sample-records",
+        type=_positive_int,
+        default=2000,
+        metavar="N",
+        help="statistics read at most about N records, whole chunks spread evenly (default 2000)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_store_options(p)
+    _add_cache_dir(p)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checksum and structural invariant",
+        description="Check the checksum of every shard file, footer and block and every "
+        "structural invariant of a cache; print every problem found (not just the first). "
+        "Exit status 1 when any is found.",
+    )
+    p.add_argument("url", help="cache directory or URL")
+    p.add_argument("--json", action="store_true", help="print JSON: {url, ok, problems}")
+    _add_store_options(p)
+    _add_cache_dir(p)
+
+    p = sub.add_parser(
+        "convert",
+        help="re-encode, truncate K, copy, export to Parquet, import Parquet/NeMo/axolotl",
+        description="Convert SRC into DST. SRC is a cache (local or URL), a logitcache Parquet "
+        "export, NeMo-Aligner KD JSON lines (compute_topk_logits.py output) or an axolotl KD "
+        "dataset (JSON lines or Parquet); the format is detected unless --from is given. DST "
+        "is a cache, or a Parquet file when it ends in .parquet (or with --to parquet). "
+        "docs/interop.md documents how each source's positions map onto the cache's.",
+    )
+    p.add_argument("src", help="source: cache URL, .parquet, .jsonl, or a directory of them")
+    p.add_argument("dst", help="destination: cache URL or .parquet file")
+    p.add_argument(
+        "--from",
+        dest="src_format",
+        choices=["cache", "parquet", "nemo", "axolotl"],
+        help="source format (default: detected)",
+    )
+    p.add_argument(
+        "--to",
+        dest="dst_format",
+        choices=["cache", "parquet"],
+        help="destination format (default: parquet for *.parquet, else cache)",
+    )
+    p.add_argument(
+        "--k",
+        type=_positive_int,
+        metavar="K",
+        help="keep each row's top K values (K <= the source's K)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        metavar="N",
+        help="teacher vocabulary size (needed for NeMo/axolotl sources unless --tokenizer)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="local tokenizer directory: gives the vocabulary size; its identity is recorded",
+    )
+    p.add_argument("--teacher", metavar="NAME", help="teacher name to record in the manifest")
+    p.add_argument(
+        "--positions",
+        choices=POSITIONS_MODES,
+        help="positions mode of an import (default supervised)",
+    )
+    p.add_argument(
+        "--codecs",
+        type=_json_object,
+        metavar="JSON",
+        help="codec pipelines per column as JSON or @file.json, e.g. "
+        '\'{"topk_logprobs": [{"id": "zstd", "level": 9}]}\'',
+    )
+    p.add_argument(
+        "--chunk-bytes", type=_size, metavar="SIZE", help="target raw bytes per chunk (e.g. 2M)"
+    )
+    p.add_argument(
+        "--shard-bytes", type=_size, metavar="SIZE", help="target bytes per shard (e.g. 256M)"
+    )
+    p.add_argument(
+        "--logprob-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="Parquet export: logprob column type (float32 is read everywhere and holds fp16 "
+        "values exactly)",
+    )
+    p.add_argument(
+        "--dst-storage-options",
+        type=_json_object,
+        metavar="JSON",
+        help="storage options for DST when they differ from --storage-options",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_store_options(p)
+
+    p = sub.add_parser(
+        "merge",
+        help="join the partial manifests of distributed writers into one manifest",
+        description="Join the partial manifests (_partial/rank-*.json) that writers with a rank "
+        "left in URL into URL/manifest.json, which commits the cache.",
+    )
+    p.add_argument("url", help="cache directory or URL")
+    p.add_argument("--json", action="store_true", help="print the merged manifest's totals as JSON")
+    _add_store_options(p)
+    return parser
+
+
+def _open(args):
+    from . import open_cache
+
+    return open_cache(
+        args.url, storage_options=args.storage_options, cache_dir=getattr(args, "cache_dir", None)
+    )
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import (
+        format_record_view,
+        format_report,
+        inspect_report,
+        load_tokenizer,
+        record_view,
+        write_plots,
+    )
+
+    progress = False if args.no_progress else None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    with _open(args) as cache:
+        if args.record is not None:
+            view = record_view(cache, args.record, top=args.top, tokenizer=tokenizer)
+            print(json.dumps(view, indent=1) if args.json else format_record_view(view))
+            return EXIT_OK
+        report, sample = inspect_report(
+            cache, sample_records=args.sample_records, progress=progress
+        )
+        report["url"] = args.url
+        if args.plot:
+            report["plots"] = write_plots(sample, args.plot)
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+        if args.plot and not args.json:
+            print("\nplots: " + ", ".join(report["plots"]))
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    with _open(args) as cache:
+        problems = cache.verify(raise_errors=False)
+        n_records, n_shards = len(cache), len(cache.manifest.shards)
+    if args.json:
+        print(json.dumps({"url": args.url, "ok": not problems, "problems": problems}, indent=1))
+    else:
+        for problem in problems:
+            print(f"PROBLEM: {problem}")
+        if problems:
+            print(
+                f"{args.url}: {len(problems)} problem(s) found; the cache is damaged: re-copy the "
+                "damaged shards or re-run the job that wrote them"
+            )
+        else:
+            print(f"{args.url}: ok ({n_records:,} records in {n_shards} shards, all checks passed)")
+    return EXIT_PROBLEM if problems else EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    result = convert(
+        args.src,
+        args.dst,
+        src_format=args.src_format,
+        dst_format=args.dst_format,
+        k=args.k,
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        teacher=args.teacher,
+        positions=args.positions,
+        codecs=args.codecs,
+        chunk_bytes=args.chunk_bytes,
+        shard_bytes=args.shard_bytes,
+        logprob_dtype=args.logprob_dtype,
+        storage_options=args.storage_options,
+        dst_storage_options=args.dst_storage_options,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"wrote {result.records:,} records ({result.src_format} -> {result.dst_format}, "
+        f"K={result.k}, vocab={result.vocab_size}) to {result.dst}"
+    )
+    if result.skipped:
+        print(
+            f"skipped {len(result.skipped)} example(s) without a supervised token, "
+            f"first: {result.skipped[0]}"
+        )
+    return EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    from .manifest import merge_partials
+
+    manifest = merge_partials(args.url, storage_options=args.storage_options)
+    totals = {
+        "url": args.url,
+        "shards": len(manifest.shards),
+        "records": manifest.records,
+        "tokens": manifest.tokens,
+        "targets": manifest.targets,
+        "bytes": manifest.bytes,
+    }
+    if args.json:
+        print(json.dumps(totals, indent=1))
+    else:
+        print(
+            f"merged {totals['shards']} shards ({totals['records']:,} records, "
+            f"{totals['targets']:,} target tokens) into {args.url}/manifest.json"
+        )
+    return EXIT_OK
+
+
+COMMANDS = {
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "convert": cmd_convert,
+    "merge": cmd_merge,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CacheError, ValueError, OSError) as e:
+        # One clear line, no traceback: the message names the file and the fix.
+        print(f"logitcache {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        print(f"logitcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
