@@ -23,7 +23,7 @@ from logitcache.synthetic import synthetic_records
 # HYPOTHESIS_PROFILE=logitcache-thorough python -m pytest tests/test_roundtrip.py
 settings.register_profile(
     "logitcache",
-    max_examples=30,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
