@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="cache directory or URL")
     p.add_argument("--json", action="store_true", help="print JSON: {url, ok, problems}")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_store_options(p)
     _add_cache_dir(p)
 
@@ -270,7 +271,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_verify(args) -> int:
     with _open(args) as cache:
-        problems = cache.verify(raise_errors=False)
+        # The bar goes to stderr, and only when it is a terminal.
+        progress = not args.no_progress and sys.stderr.isatty()
+        problems = cache.verify(raise_errors=False, progress=progress)
         n_records, n_shards = len(cache), len(cache.manifest.shards)
     if args.json:
         print(json.dumps({"url": args.url, "ok": not problems, "problems": problems}, indent=1))
