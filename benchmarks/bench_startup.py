@@ -108,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             cases.append(("logitcache inspect (small cache), default cache", inspect, None, False))
         rows, results = [], []
         for name, case_argv, numba_dir, cold in cases:
-            times = _timed(case_argv, repeats, numba_dir, cold)
+            try:
+                times = _timed(case_argv, repeats, numba_dir, cold)
+            except RuntimeError as exc:  # report a broken case, measure the others
+                rows.append([name, None, None, None])
+                results.append({"case": name, "error": str(exc)[-500:]})
+                print(f"{name}: {exc}", file=sys.stderr)
+                continue
             median = statistics.median(times)
             rows.append([name, median, min(times), max(times)])
             results.append(
