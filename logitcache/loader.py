@@ -480,6 +480,8 @@ class LogitCacheLoader(DataLoader):
     ):
         if not isinstance(dataset, LogitCacheDataset):
             raise TypeError("LogitCacheLoader needs a LogitCacheDataset")
+        if kwargs.get("in_order") is False:
+            raise ValueError("in_order=False is not supported: resuming relies on the order")
         if kwargs.get("persistent_workers"):
             raise ValueError(
                 "persistent_workers is not supported: the epoch and resume point reach the "
