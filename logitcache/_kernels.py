@@ -259,3 +259,92 @@ def check_and_canonicalize_rows(
                 ids[r, j + 1] = t
                 bits[r, j + 1] = b
     result[0] = ROW_OK
+
+
+@njit(**_JIT)
+def byte_bit_shuffle(src, elementsize, byte_planes, out):  # pragma: no cover - compiled
+    """Low `byte_planes` bytes of each element as byte planes, the rest as bit planes.
+
+    Bit plane q (q = 0 is the element's most significant bit) holds one bit per element,
+    8 elements a byte, the first element in the byte's most significant bit. `out` must be
+    zeroed by the caller. Ids are mostly far below 2**24, so their high bits are rare ones
+    that zstd stores in well under a bit each, where a byte plane would cost a bit or more.
+    """
+    n = src.shape[0] // elementsize
+    nb = (n + 7) // 8
+    base = byte_planes * n
+    if elementsize == 4 and byte_planes == 2:
+        words = src[: n * 4].view(np.uint32)
+        for i in range(n):
+            w = words[i]
+            out[i] = w & 0xFF
+            out[n + i] = (w >> 8) & 0xFF
+            high = np.int64(w >> 16)
+            while high != 0:
+                s = 0
+                while ((high >> s) & 1) == 0:
+                    s += 1
+                high = high & (high - 1)
+                q = 15 - s
+                out[base + q * nb + (i >> 3)] |= np.uint8(0x80 >> (i & 7))
+        return
+    for b in range(byte_planes):
+        for i in range(n):
+            out[b * n + i] = src[i * elementsize + b]
+    top = elementsize * 8 - 1
+    for i in range(n):
+        for b in range(byte_planes, elementsize):
+            v = src[i * elementsize + b]
+            if v == 0:
+                continue
+            for s in range(8):
+                if v & (1 << s):
+                    q = top - (b * 8 + s)
+                    out[base + q * nb + (i >> 3)] |= np.uint8(0x80 >> (i & 7))
+
+
+@njit(**_JIT)
+def byte_bit_unshuffle(src, elementsize, byte_planes, out):  # pragma: no cover - compiled
+    """Inverse of byte_bit_shuffle into a zeroed `out`; returns -1 if a padding bit is set."""
+    n = out.shape[0] // elementsize
+    nb = (n + 7) // 8
+    base = byte_planes * n
+    if elementsize == 4 and byte_planes == 2:
+        words = out[: n * 4].view(np.uint32)
+        for i in range(n):
+            words[i] = np.uint32(src[i]) | (np.uint32(src[n + i]) << 8)
+        for q in range(16):
+            bit = np.uint32(1) << np.uint32(31 - q)
+            off = base + q * nb
+            for blk in range(nb):
+                v = src[off + blk]
+                if v == 0:
+                    continue
+                for j in range(8):
+                    if v & (0x80 >> j):
+                        i = blk * 8 + j
+                        if i >= n:
+                            return -1
+                        words[i] |= bit
+        return 0
+    for b in range(byte_planes):
+        for i in range(n):
+            out[i * elementsize + b] = src[b * n + i]
+    high_bits = (elementsize - byte_planes) * 8
+    top = elementsize * 8 - 1
+    for q in range(high_bits):
+        bit = top - q
+        byte_index = bit // 8
+        mask = np.uint8(1 << (bit % 8))
+        off = base + q * nb
+        for blk in range(nb):
+            v = src[off + blk]
+            if v == 0:
+                continue
+            for j in range(8):
+                if v & (0x80 >> j):
+                    i = blk * 8 + j
+                    if i >= n:
+                        return -1
+                    out[i * elementsize + byte_index] |= mask
+    return 0

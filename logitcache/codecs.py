@@ -64,8 +64,10 @@ class Codec:
     def encode(self, buf: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    # True when the encoded size always equals the decoded size.
-    size_preserving: ClassVar[bool] = True
+    # True when max_encoded_size() is the exact encoded size, not only a bound.
+    exact_encoded_size: ClassVar[bool] = True
+    # Largest decoded / encoded size ratio the codec can produce (bounds hostile footers).
+    max_expansion: ClassVar[int] = 1
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         """Invert encode. The result has exactly `decoded_size` bytes when `exact`, else at
@@ -96,7 +98,9 @@ class Zstd(Codec):
     """Zstandard frame with its content size; decode refuses any other size (no bombs)."""
 
     codec_id = "zstd"
-    size_preserving = False
+    exact_encoded_size = False
+    # An RLE block: 4 bytes for a 128 KiB block.
+    max_expansion = 32768
     _local = threading.local()
 
     def __init__(self, level: int = 3):
@@ -177,6 +181,61 @@ class Shuffle(Codec):
         return out
 
 
+class ByteBitShuffle(Codec):
+    """Low bytes of each element as byte planes (as `shuffle`), high bytes as bit planes.
+
+    For token ids the high bits are mostly zero and rarely one: as bit planes they cost zstd
+    a fraction of a bit per id, where a byte plane of 0/1 values costs about a bit.
+    """
+
+    codec_id = "byte_bit_shuffle"
+
+    def __init__(self, elementsize: int, byte_planes: int):
+        self.elementsize = elementsize
+        self.byte_planes = byte_planes
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "id": self.codec_id,
+            "elementsize": self.elementsize,
+            "byte_planes": self.byte_planes,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ByteBitShuffle:
+        elementsize = _positive_int(config, "elementsize", 1, 16)
+        return cls(elementsize, _positive_int(config, "byte_planes", 0, elementsize))
+
+    def max_encoded_size(self, decoded_size: int) -> int:
+        n = decoded_size // self.elementsize
+        return self.byte_planes * n + (self.elementsize - self.byte_planes) * 8 * ((n + 7) // 8)
+
+    def encode(self, buf: np.ndarray) -> np.ndarray:
+        if buf.size % self.elementsize:
+            raise CodecError(
+                f"byte_bit_shuffle: {buf.size} bytes is not a multiple of {self.elementsize}"
+            )
+        out = np.zeros(self.max_encoded_size(buf.size), dtype=np.uint8)
+        kernels().byte_bit_shuffle(buf, self.elementsize, self.byte_planes, out)
+        return out
+
+    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+        if not exact or decoded_size % self.elementsize:
+            raise CodecError(
+                "byte_bit_shuffle: the decoded size must be known exactly (use it "
+                "first in a pipeline or after size-preserving codecs)"
+            )
+        if buf.size != self.max_encoded_size(decoded_size):
+            raise CodecError(
+                f"byte_bit_shuffle: {buf.size} bytes, expected "
+                f"{self.max_encoded_size(decoded_size)}"
+            )
+        out = np.zeros(decoded_size, dtype=np.uint8)
+        if kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out) != 0:
+            raise CodecError("byte_bit_shuffle: a padding bit is set")
+        return out
+
+
 class Fp16KeyDelta(Codec):
     """fp16 -> order-preserving uint16 key -> per-row gaps (prev - cur, mod 2**16).
 
@@ -237,7 +296,8 @@ class Varint(Codec):
     """LEB128 of each little-endian uint32: 7 bits a byte, high bit set on all but the last."""
 
     codec_id = "varint"
-    size_preserving = False
+    exact_encoded_size = False
+    max_expansion = 4
 
     def encode(self, buf: np.ndarray) -> np.ndarray:
         if buf.size % 4:
@@ -266,7 +326,7 @@ def _aligned(buf: np.ndarray) -> np.ndarray:
 
 
 CODECS: dict[str, type[Codec]] = {
-    cls.codec_id: cls for cls in (Zstd, Shuffle, Fp16KeyDelta, Int32Delta, Varint)
+    cls.codec_id: cls for cls in (Zstd, Shuffle, ByteBitShuffle, Fp16KeyDelta, Int32Delta, Varint)
 }
 
 
@@ -305,13 +365,17 @@ class Pipeline:
 
     def decode_bytes(self, data, decoded_size: int) -> np.ndarray:
         """Decode to exactly `decoded_size` bytes, or raise CodecError."""
+        buf = _as_u8(data)
+        if not self.codecs:
+            if buf.size != decoded_size:
+                raise CodecError(f"raw block of {buf.size} bytes, expected {decoded_size}")
+            return buf
         # The input size of each stage, from the raw end: exact while every codec before it
-        # preserves sizes, an upper bound after the first one that does not.
+        # has an exact encoded size, an upper bound after the first one that does not.
         sizes, exact = [decoded_size], [True]
         for codec in self.codecs[:-1]:
             sizes.append(codec.max_encoded_size(sizes[-1]))
-            exact.append(exact[-1] and codec.size_preserving)
-        buf = _as_u8(data)
+            exact.append(exact[-1] and codec.exact_encoded_size)
         for codec, size, is_exact in zip(
             reversed(self.codecs), reversed(sizes), reversed(exact), strict=True
         ):
@@ -319,6 +383,13 @@ class Pipeline:
         if buf.size != decoded_size:
             raise CodecError(f"pipeline decoded {buf.size} bytes, expected {decoded_size}")
         return buf
+
+    def max_expansion(self) -> int:
+        """Upper bound of decoded size / stored size over the whole pipeline."""
+        bound = 1
+        for codec in self.codecs:
+            bound *= codec.max_expansion
+        return bound
 
     def decode(self, data, dtype, count: int) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -332,11 +403,12 @@ class Pipeline:
 def default_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
     """The pipelines a writer uses unless told otherwise (chosen by benchmarks/bench_codec.py)."""
     zstd = {"id": "zstd", "level": 1}
+    ids = {"id": "byte_bit_shuffle", "elementsize": 4, "byte_planes": 2}
     return {
         COL_RECORD_LENGTHS: [zstd],
-        COL_INPUT_IDS: [{"id": "shuffle", "elementsize": 4}, zstd],
+        COL_INPUT_IDS: [ids, zstd],
         COL_LOSS_MASK: [zstd],
-        COL_TOPK_IDS: [{"id": "shuffle", "elementsize": 4}, zstd],
+        COL_TOPK_IDS: [ids, zstd],
         COL_TOPK_LOGPROBS: [
             {"id": "fp16_key_delta", "row_length": k},
             {"id": "shuffle", "elementsize": 2},

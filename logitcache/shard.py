@@ -198,7 +198,13 @@ class ShardFile:
     ):
         self.name = name  # the shard's path inside the cache, used in messages
         self.k, self.vocab_size, self.positions = k, vocab_size, positions
-        size = os.path.getsize(path)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise CorruptCacheError(
+                f"shard {name}: the manifest lists it but the file is missing ({path}): "
+                "restore the file, or re-write the cache"
+            ) from None
         if entry is not None and size != entry.bytes:
             raise CorruptCacheError(
                 f"shard {name}: file has {size} bytes, the manifest says {entry.bytes}: {_FIX}"
@@ -352,6 +358,12 @@ class ShardFile:
                 )
             if raw > MAX_BLOCK_RAW_BYTES:
                 self._fail(f"column {name}: raw_length {raw} exceeds the format limit", index)
+            if raw > length * self.pipelines[name].max_expansion() + 64:
+                self._fail(
+                    f"column {name}: {length} stored bytes cannot decode to raw_length "
+                    f"{raw} with this pipeline",
+                    index,
+                )
             parsed[name] = (offset, length, raw, checksum)
         if (COL_SAMPLE_ID_LENGTHS in parsed) != (COL_SAMPLE_ID_BYTES in parsed):
             self._fail("sample_id needs both its lengths and bytes columns", index)

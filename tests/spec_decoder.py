@@ -22,7 +22,7 @@ def _bits_to_key(bits: int) -> int:
     return ~bits & 0xFFFF if bits & 0x8000 else bits | 0x8000
 
 
-def decode_codec(config: dict, data: bytes) -> bytes:
+def decode_codec(config: dict, data: bytes, raw_size: int) -> bytes:
     cid = config["id"]
     if cid == "zstd":
         return zstandard.ZstdDecompressor().decompress(data)
@@ -30,6 +30,20 @@ def decode_codec(config: dict, data: bytes) -> bytes:
         e = config["elementsize"]
         n = len(data) // e
         return bytes(data[(i % e) * n + i // e] for i in range(len(data)))
+    if cid == "byte_bit_shuffle":
+        e, planes = config["elementsize"], config["byte_planes"]
+        n = raw_size // e
+        nb = (n + 7) // 8
+        out = bytearray(raw_size)
+        for b in range(planes):
+            for i in range(n):
+                out[i * e + b] = data[b * n + i]
+        for q in range((e - planes) * 8):
+            bit = e * 8 - 1 - q
+            for i in range(n):
+                if data[planes * n + q * nb + i // 8] & (0x80 >> (i % 8)):
+                    out[i * e + bit // 8] |= 1 << (bit % 8)
+        return bytes(out)
     if cid == "fp16_key_delta":
         k = config["row_length"]
         deltas = struct.unpack(f"<{len(data) // 2}H", data)
@@ -83,8 +97,10 @@ def decode_cache(root: str) -> dict:
             for name, block in chunk["blocks"].items():
                 stored = blob[block["offset"] : block["offset"] + block["length"]]
                 assert xxhash.xxh3_64_hexdigest(stored) == block["checksum"]
+                # Only byte_bit_shuffle needs its decoded size, and the spec allows it only
+                # where that size is exact: first, or after codecs that keep sizes.
                 for config in reversed(footer["columns"][name]["codecs"]):
-                    stored = decode_codec(config, stored)
+                    stored = decode_codec(config, stored, block["raw_length"])
                 assert len(stored) == block["raw_length"]
                 cols[name] = stored
             lengths = _ints("i", cols["record_lengths"])
