@@ -239,14 +239,8 @@ class LogitCacheDataset(IterableDataset):
         cache = self.cache
         if cache.store.is_local or not shards:
             return
-        # LogitCache keeps every opened shard mapped; the loader knows when one is done.
-        with cache._lock:
-            for s in shards:
-                opened = cache._shards.pop(s, None)
-                if opened is not None:
-                    for key in [key for key in cache._chunks if key[0] == s]:
-                        del cache._chunks[key]
-                    opened.close()
+        for s in shards:
+            cache.release_shard(s)
 
     # -- resuming ----------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:

@@ -223,6 +223,19 @@ class LogitCache:
         return out
 
     # -- lifetime ------------------------------------------------------------------------
+    def release_shard(self, shard: int) -> None:
+        """Unmap one shard and drop its decoded chunks, so a remote store may evict its file.
+
+        Streaming readers call this for shards they have moved past; reading the shard again
+        later simply re-opens it (and re-fetches it if it was evicted).
+        """
+        with self._lock:
+            opened = self._shards.pop(shard, None)
+            for key in [key for key in self._chunks if key[0] == shard]:
+                del self._chunks[key]
+        if opened is not None:
+            opened.close()
+
     def close(self) -> None:
         with self._lock:
             self._chunks.clear()
