@@ -287,3 +287,26 @@ def test_float_input_below_the_fp16_range_is_stored_as_fp16_min(tmp_path):
                 record.topk_logprobs.view(np.uint16),
                 np.array([[-0.01, FP16_MIN, FP16_MIN, FP16_MIN]], np.float16).view(np.uint16),
             )
+
+
+@pytest.mark.parametrize("tokens", [300_000, 2_000_000])
+def test_highly_compressible_chunks_pass_the_expansion_bound(tokens):
+    """Constant columns compress by up to zstd's RLE ratio; the reader's bound on
+    raw_length / stored length must still accept what a writer produces."""
+    record = {
+        "input_ids": np.zeros(tokens, np.int32),
+        "loss_mask": np.zeros(tokens, bool),
+        "topk_ids": np.zeros((0, 1), np.int32),
+        "topk_logprobs": np.zeros((0, 1), np.float16),
+    }
+    check_roundtrip(
+        {
+            "k": 1,
+            "vocab_size": 2,
+            "positions": "supervised",
+            "records": [record, record],
+            "chunk_bytes": 64 << 20,
+            "shard_bytes": 256 << 20,
+            "threads": 1,
+        }
+    )
