@@ -381,8 +381,9 @@ def collate_kd(
     """Batch records for KD training: padded token tensors plus packed teacher rows.
 
     Returns input_ids [B, L] (long), attention_mask [B, L] (long), labels [B, L] (long:
-    input_ids where loss_mask is true, else -100), kd_ids [M, K] (long), kd_logprobs [M, K]
-    (float16) and kd_index [M] (long): the flat index b * L + p into [B, L] of the target token
+    input_ids where loss_mask is true, else -100), kd_ids [M, K] (int32: half the bytes of
+    long through worker queues and host-to-device copies; the losses widen it on the device),
+    kd_logprobs [M, K] (float16) and kd_index [M] (long): the flat index b * L + p into [B, L] of the target token
     each teacher row describes. The student logits that predict it are at flat index
     kd_index - 1 (same row, since p >= 1). In positions mode "all" only rows whose position is
     a training target (loss_mask true) are kept, so M always equals the number of labels != -100.
@@ -431,7 +432,7 @@ def collate_kd(
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
-        "kd_ids": torch.from_numpy(np.concatenate(kd_ids).astype(np.int64, copy=False)),
+        "kd_ids": torch.from_numpy(np.concatenate(kd_ids).astype(np.int32, copy=False)),
         "kd_logprobs": torch.from_numpy(np.ascontiguousarray(np.concatenate(kd_logprobs))),
         "kd_index": torch.from_numpy(np.concatenate(kd_index).astype(np.int64, copy=False)),
     }

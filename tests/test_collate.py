@@ -40,10 +40,10 @@ def test_supervised_batch(supervised):
         [-100, 2, -100, -100, -100],
         [-100, 4, -100, 6, -100],
     ]
-    assert out["kd_ids"].dtype == torch.long and out["kd_logprobs"].dtype == torch.float16
+    assert out["kd_ids"].dtype == torch.int32 and out["kd_logprobs"].dtype == torch.float16
     assert out["kd_index"].tolist() == [2, 3, 4, L + 1, 2 * L + 1, 2 * L + 3]
     assert torch.equal(
-        out["kd_ids"], torch.from_numpy(np.concatenate([r.topk_ids for r in supervised])).long()
+        out["kd_ids"], torch.from_numpy(np.concatenate([r.topk_ids for r in supervised]))
     )
     assert torch.equal(
         out["kd_logprobs"], torch.from_numpy(np.concatenate([r.topk_logprobs for r in supervised]))
@@ -58,7 +58,7 @@ def test_all_positions_keep_only_target_rows():
     assert rec.num_targets == 3  # rows for positions 1, 2, 3
     out = collate_kd([rec])
     assert out["kd_index"].tolist() == [1, 3]
-    assert torch.equal(out["kd_ids"], torch.from_numpy(rec.topk_ids[[0, 2]]).long())
+    assert torch.equal(out["kd_ids"], torch.from_numpy(rec.topk_ids[[0, 2]]))
     assert torch.equal(out["kd_logprobs"], torch.from_numpy(rec.topk_logprobs[[0, 2]]))
     assert torch.equal(collate_kd([rec], positions="all")["kd_index"], out["kd_index"])
 
