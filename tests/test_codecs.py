@@ -348,14 +348,19 @@ def test_any_chain_of_codecs_roundtrips(configs, values):
     """Size-changing codecs anywhere in the chain: the decoder's size bounds still hold."""
     raw = np.array(values, dtype="<i4")
     pipeline = Pipeline.from_config(configs)
-    # Only a codec that needs whole elements or an exact size may refuse, and only after a
-    # codec whose output size depends on the data.
-    resizers = [i for i, c in enumerate(configs) if c["id"] in ("varint", "zstd")]
+    ids = [c["id"] for c in configs]
     try:
         encoded = pipeline.encode(raw)
+    except CodecError:
+        # A codec that needs whole elements may refuse what a size-changing one made.
+        assert {"varint", "zstd", "byte_bit_shuffle"} & set(ids[:-1])
+        return
+    try:
         decoded = pipeline.decode(encoded, "<i4", raw.size)
     except CodecError:
-        assert resizers and resizers[0] < len(configs) - 1
+        # byte_bit_shuffle needs its exact size, unknown after a data-dependent one (6.3).
+        first = min(i for i, c in enumerate(ids) if c in ("varint", "zstd"))
+        assert "byte_bit_shuffle" in ids[first + 1 :]
         return
     np.testing.assert_array_equal(decoded, raw)
 
