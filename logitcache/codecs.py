@@ -68,6 +68,8 @@ class Codec:
     exact_encoded_size: ClassVar[bool] = True
     # Largest decoded / encoded size ratio the codec can produce (bounds hostile footers).
     max_expansion: ClassVar[int] = 1
+    # True when decoding needs the exact decoded size (not only a bound).
+    needs_exact_size: ClassVar[bool] = False
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         """Invert encode. The result has exactly `decoded_size` bytes when `exact`, else at
@@ -189,6 +191,7 @@ class ByteBitShuffle(Codec):
     """
 
     codec_id = "byte_bit_shuffle"
+    needs_exact_size = True
 
     def __init__(self, elementsize: int, byte_planes: int):
         self.elementsize = elementsize
@@ -347,6 +350,14 @@ class Pipeline:
 
     def __init__(self, codecs: Sequence[Codec]):
         self.codecs = list(codecs)
+        exact = True
+        for codec in self.codecs:
+            if codec.needs_exact_size and not exact:
+                raise CodecError(
+                    f"codec {codec.codec_id!r} must come first in a pipeline or after codecs "
+                    f"with exact sizes, not after {[c.codec_id for c in self.codecs]}"
+                )
+            exact = exact and codec.exact_encoded_size
 
     @classmethod
     def from_config(cls, configs: Sequence[dict[str, Any]]) -> Pipeline:

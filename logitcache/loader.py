@@ -383,11 +383,11 @@ def collate_kd(
     Returns input_ids [B, L] (long), attention_mask [B, L] (long), labels [B, L] (long:
     input_ids where loss_mask is true, else -100), kd_ids [M, K] (int32: half the bytes of
     long through worker queues and host-to-device copies; the losses widen it on the device),
-    kd_logprobs [M, K] (float16) and kd_index [M] (long): the flat index b * L + p into [B, L] of the target token
-    each teacher row describes. The student logits that predict it are at flat index
-    kd_index - 1 (same row, since p >= 1). In positions mode "all" only rows whose position is
-    a training target (loss_mask true) are kept, so M always equals the number of labels != -100.
-    `positions` is inferred from the row counts when not given (the shapes decide it).
+    kd_logprobs [M, K] (float16) and kd_index [M] (long): the flat index b * L + p into [B, L]
+    of the target token each teacher row describes. The student logits that predict it are at
+    flat index kd_index - 1 (same row, since p >= 1). In positions mode "all" only rows whose
+    position is a training target (loss_mask true) are kept, so M always equals the number of
+    labels != -100. `positions` is inferred from the row counts when not given.
     """
     if not records:
         raise ValueError("collate_kd needs at least one record")

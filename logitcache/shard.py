@@ -259,8 +259,13 @@ class ShardFile:
 
     def _parse_footer(self, footer: dict, entry) -> None:
         version = footer.get("format_version")
-        if not isinstance(version, str) or version.split(".")[0] != str(FORMAT_MAJOR):
-            self._fail(f"footer format_version {version!r} is not {FORMAT_MAJOR}.x")
+        if not isinstance(version, str) or not version.split(".")[0].isdigit():
+            self._fail(f"footer format_version {version!r} is not MAJOR.MINOR")
+        if version.split(".")[0] != str(FORMAT_MAJOR):
+            raise IncompatibleVersionError(
+                f"shard {self.name}: footer format version {version}, this reader reads "
+                f"{FORMAT_MAJOR}.x; use a logitcache release that supports it"
+            )
         for key, want in (
             ("k", self.k),
             ("vocab_size", self.vocab_size),

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .codecs import Pipeline, default_pipeline_configs, kernels
+from .codecs import CodecError, Pipeline, default_pipeline_configs, kernels
 from .format import (
     COL_INPUT_IDS,
     COL_LOSS_MASK,
@@ -111,7 +111,12 @@ class CacheWriter:
             if name not in configs:
                 raise ValueError(f"codecs: unknown column {name!r}; columns are {list(configs)}")
             configs[name] = config
-        self.pipelines = {name: Pipeline.from_config(cfg) for name, cfg in configs.items()}
+        self.pipelines = {}
+        for name, config in configs.items():
+            try:
+                self.pipelines[name] = Pipeline.from_config(config)
+            except CodecError as exc:
+                raise ValueError(f"codecs[{name!r}]: {exc}") from None
         self._column_configs = {
             name: {"dtype": COLUMN_DTYPES[name].str, "codecs": configs[name]} for name in configs
         }

@@ -347,21 +347,22 @@ def test_default_pipeline_configs_are_json():
 def test_any_chain_of_codecs_roundtrips(configs, values):
     """Size-changing codecs anywhere in the chain: the decoder's size bounds still hold."""
     raw = np.array(values, dtype="<i4")
-    pipeline = Pipeline.from_config(configs)
     ids = [c["id"] for c in configs]
+    data_dependent = [i for i, c in enumerate(ids) if c in ("varint", "zstd")]
+    try:
+        pipeline = Pipeline.from_config(configs)
+    except CodecError:
+        # byte_bit_shuffle needs its exact size, unknown after a data-dependent codec (6.3):
+        # such a pipeline is refused when it is built, before anything is written.
+        assert data_dependent and "byte_bit_shuffle" in ids[data_dependent[0] + 1 :]
+        return
     try:
         encoded = pipeline.encode(raw)
     except CodecError:
         # A codec that needs whole elements may refuse what a size-changing one made.
         assert {"varint", "zstd", "byte_bit_shuffle"} & set(ids[:-1])
         return
-    try:
-        decoded = pipeline.decode(encoded, "<i4", raw.size)
-    except CodecError:
-        # byte_bit_shuffle needs its exact size, unknown after a data-dependent one (6.3).
-        first = min(i for i, c in enumerate(ids) if c in ("varint", "zstd"))
-        assert "byte_bit_shuffle" in ids[first + 1 :]
-        return
+    decoded = pipeline.decode(encoded, "<i4", raw.size)
     np.testing.assert_array_equal(decoded, raw)
 
 

@@ -269,16 +269,6 @@ def test_sample_ids_present_absent_and_mixed(tmp_path):
                 assert_record_equal(record, records[i], where=f"record {i}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CacheError,
-    reason="CacheWriter (writer.py __init__) builds pipelines with Pipeline.from_config but "
-    "does not check spec section 6.3's rule that byte_bit_shuffle comes first or after codecs "
-    "with exact encoded sizes: codecs={'input_ids': [zstd, byte_bit_shuffle(4, 2)]} is "
-    "accepted, and close() later fails with CodecError, a CorruptCacheError, for what is a "
-    "configuration mistake (or, when zstd's output happens to be a multiple of 4, writes a "
-    "cache no reader can decode). It should raise ValueError naming the column at once.",
-)
 def test_writer_refuses_a_pipeline_no_reader_can_decode(tmp_path, records):
     codecs = {
         "input_ids": [
