@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -359,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): not an error of the cache.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (CacheError, ValueError, OSError) as e:
         # One clear line, no traceback: the message names the file and the fix.
         print(f"logitcache {args.command}: error: {e}", file=sys.stderr)
