@@ -86,12 +86,16 @@ def shuffle(size: int) -> dict[str, Any]:
 
 
 def id_candidates() -> dict[str, list[dict[str, Any]]]:
+    byte_bits = {"id": "byte_bit_shuffle", "elementsize": 4, "byte_planes": 2}
     return {
         "zstd3": [zstd3()],
         "shuffle4+zstd1": [shuffle(4), zstd3(1)],
         "shuffle4+zstd3": [shuffle(4), zstd3()],
         "shuffle4+zstd6": [shuffle(4), zstd3(6)],
         "varint+zstd3": [{"id": "varint"}, zstd3()],
+        "byte_bit_shuffle4/2+zstd1": [byte_bits, zstd3(1)],
+        "byte_bit_shuffle4/2+zstd3": [byte_bits, zstd3()],
+        "byte_bit_shuffle4/0+zstd1": [{**byte_bits, "byte_planes": 0}, zstd3(1)],
         "int_delta+shuffle4+zstd3": [{"id": "int_delta"}, shuffle(4), zstd3()],
     }
 
