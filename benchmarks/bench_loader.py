@@ -7,7 +7,8 @@ and from a Parquet export read with pyarrow; each with 0, 1 and 2 DataLoader wor
 Method notes
 - Data: logitcache.synthetic.synthetic_records(--records, k=100, vocab_size=32000, mean
   length 256), written once with CacheWriter (shard_bytes 8 MiB so there are several shards).
-- A run iterates one epoch with batch_size 8 and collate_kd (shuffle on, window 4096).
+- A run iterates one epoch with --batch-size records per batch (8 by default) and collate_kd
+  (shuffle on, window 4096).
   tokens/s = teacher rows (kd_index entries) delivered / wall time of the whole epoch, worker
   start-up and the first shuffle window included. Forkserver workers fork from a server that
   has preloaded torch and logitcache; one untimed warm-up epoch per configuration runs first
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--batch-size", type=int, default=BATCH, help="records per batch")
+    ap.add_argument("--output", default="bench_loader", help="results/NAME.json to write")
     args = ap.parse_args()
     import multiprocessing
 
@@ -188,7 +191,10 @@ def main() -> None:
         def run(source: str, workers: int) -> tuple[float, int]:
             if source == "parquet":
                 loader = DataLoader(
-                    ParquetKD(parquet), batch_size=BATCH, num_workers=workers, collate_fn=collate_kd
+                    ParquetKD(parquet),
+                    batch_size=args.batch_size,
+                    num_workers=workers,
+                    collate_fn=collate_kd,
                 )
                 return _epoch_rate(loader)
             if source == "local":
@@ -196,7 +202,7 @@ def main() -> None:
             else:
                 cache_dir = warm_dir if source == "s3 warm" else tempfile.mkdtemp(dir=work)
                 ds = LogitCacheDataset(s3_url, storage_options=options, cache_dir=cache_dir)
-            rate = _epoch_rate(LogitCacheLoader(ds, BATCH, num_workers=workers))
+            rate = _epoch_rate(LogitCacheLoader(ds, args.batch_size, num_workers=workers))
             if source == "s3 cold":
                 shutil.rmtree(cache_dir, ignore_errors=True)
             return rate
@@ -229,13 +235,13 @@ def main() -> None:
         print()
         print(format_table(["source", "workers", "target tok/s", "x local"], rows))
         path = write_results(
-            "bench_loader",
+            args.output,
             {
                 "records": manifest.records,
                 "targets": manifest.targets,
                 "k": K,
                 "vocab_size": VOCAB,
-                "batch_size": BATCH,
+                "batch_size": args.batch_size,
                 "shards": len(manifest.shards),
                 "cache_bytes": manifest.bytes,
                 "parquet_bytes": os.path.getsize(parquet),

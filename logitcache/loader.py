@@ -370,6 +370,14 @@ def _infer_positions(record: Record, b: int) -> str:
     )
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype).share_memory_()
+
+
 def collate_kd(
     records: Sequence[Record],
     *,
@@ -401,19 +409,12 @@ def collate_kd(
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     k = records[0].topk_ids.shape[1]
     batch = len(records)
-    input_ids = np.full((batch, width), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((batch, width), dtype=np.int64)
-    labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
-    kd_ids, kd_logprobs, kd_index = [], [], []
+    rows_of: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for b, r in enumerate(records):
         if r.topk_ids.shape[1] != k:
             raise ValueError(
                 f"record {b} ({r.sample_id!r}): K={r.topk_ids.shape[1]}, batch has {k}"
             )
-        t = r.num_tokens
-        input_ids[b, :t] = r.input_ids
-        attention_mask[b, :t] = 1
-        labels[b, :t] = np.where(r.loss_mask, r.input_ids, IGNORE_INDEX)
         mode = positions or _infer_positions(r, b)
         rows_at = r.target_positions(mode)
         if len(rows_at) != r.num_targets:
@@ -425,17 +426,39 @@ def collate_kd(
         if mode == POSITIONS_ALL:
             keep = r.loss_mask[rows_at]
             rows_at, ids, lps = rows_at[keep], ids[keep], lps[keep]
-        kd_ids.append(ids)
-        kd_logprobs.append(lps)
-        kd_index.append(b * width + rows_at)
+        rows_of.append((rows_at, ids, lps))
+    m = sum(len(rows_at) for rows_at, _, _ in rows_of)
+    # Inside a DataLoader worker the batch is built in shared memory directly, as torch's own
+    # collate does: otherwise every tensor is copied into shared memory again when it is sent.
+    new = _shared_empty if get_worker_info() is not None else _empty
     out = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "labels": torch.from_numpy(labels),
-        "kd_ids": torch.from_numpy(np.concatenate(kd_ids).astype(np.int32, copy=False)),
-        "kd_logprobs": torch.from_numpy(np.ascontiguousarray(np.concatenate(kd_logprobs))),
-        "kd_index": torch.from_numpy(np.concatenate(kd_index).astype(np.int64, copy=False)),
+        "input_ids": new((batch, width), torch.long),
+        "attention_mask": new((batch, width), torch.long),
+        "labels": new((batch, width), torch.long),
+        "kd_ids": new((m, k), torch.int32),
+        "kd_logprobs": new((m, k), torch.float16),
+        "kd_index": new((m,), torch.long),
     }
+    input_ids, attention_mask, labels = (
+        out[name].numpy() for name in ("input_ids", "attention_mask", "labels")
+    )
+    input_ids.fill(pad_token_id)
+    attention_mask.fill(0)
+    labels.fill(IGNORE_INDEX)
+    kd_ids, kd_logprobs, kd_index = (
+        out[name].numpy() for name in ("kd_ids", "kd_logprobs", "kd_index")
+    )
+    row = 0
+    for b, (r, (rows_at, ids, lps)) in enumerate(zip(records, rows_of, strict=True)):
+        t = r.num_tokens
+        input_ids[b, :t] = r.input_ids
+        attention_mask[b, :t] = 1
+        labels[b, :t] = np.where(r.loss_mask, r.input_ids, IGNORE_INDEX)
+        n = len(rows_at)
+        kd_ids[row : row + n] = ids
+        kd_logprobs[row : row + n] = lps
+        kd_index[row : row + n] = b * width + rows_at
+        row += n
     if pin_memory:
         if torch.cuda.is_available():
             out = {name: t.pin_memory() for name, t in out.items()}
