@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .format import POSITIONS_MODES, POSITIONS_SUPERVISED, Record
+from .identity import tokenizer_identity as tokenizer_identity_of
 from .interop import (
     FORMAT_CACHE,
     FORMAT_NEMO,
@@ -87,7 +88,7 @@ def tokenizer_identity(path: str) -> tuple[dict, int]:
     from .inspect import load_tokenizer
 
     tok = load_tokenizer(path)
-    return {"name_or_path": os.path.abspath(path), "vocab_size": len(tok)}, len(tok)
+    return tokenizer_identity_of(tok, name=os.path.abspath(path)), len(tok)
 
 
 def _peek(records: Iterator[tuple[str, dict]]) -> tuple[tuple[str, dict] | None, Iterator]:

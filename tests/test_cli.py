@@ -297,7 +297,8 @@ def test_import_axolotl_with_tokenizer_for_vocab(tmp_path):
     assert out.returncode == 0, out.stderr
     with open_cache(str(dst)) as cache:
         assert cache.manifest.vocab_size == VOCAB and cache.manifest.k == 4
-        assert cache.manifest.tokenizer["vocab_size"] == VOCAB
+        assert cache.manifest.tokenizer["vocab_tokens"] == VOCAB
+        assert cache.manifest.tokenizer["vocab_fingerprint"].startswith("xxh3_64:")
         records = list(cache.iter_records())
     for record, (ids, mask) in zip(records, sequences, strict=True):
         np.testing.assert_array_equal(record.input_ids, ids)
