@@ -13,17 +13,14 @@ import xxhash
 
 from logitcache.format import CacheError, CorruptCacheError
 from logitcache.prefetch import Prefetcher
-from logitcache.storage import (
-    LocalStore,
+from logitcache.retry import (
     RemoteNotFoundError,
-    RemoteStore,
     RetryPolicy,
     TransientDownloadError,
     call_with_retry,
-    file_checksum,
     is_transient,
-    open_store,
 )
+from logitcache.storage import LocalStore, RemoteStore, file_checksum, open_store
 
 FAST = RetryPolicy(attempts=4, base_delay_s=0.001, max_delay_s=0.002, budget_s=5)
 

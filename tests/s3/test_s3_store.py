@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 
 from logitcache.format import CorruptCacheError
-from logitcache.storage import (
-    RemoteAccessError,
-    RemoteNotFoundError,
-    RemoteStore,
-    RetryPolicy,
-    open_store,
-)
+from logitcache.retry import RemoteAccessError, RemoteNotFoundError, RetryPolicy
+from logitcache.storage import RemoteStore, open_store
 
 from .fault_proxy import shard_get
 
