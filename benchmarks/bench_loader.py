@@ -47,6 +47,7 @@ from logitcache.synthetic import synthetic_records
 K = 100
 VOCAB = 32000
 BATCH = 8
+WINDOW = 4096  # records per shuffle window, fixed so runs compare across cache sizes
 
 
 class ParquetKD(IterableDataset):
@@ -198,10 +199,12 @@ def main() -> None:
                 )
                 return _epoch_rate(loader)
             if source == "local":
-                ds = LogitCacheDataset(local)
+                ds = LogitCacheDataset(local, shuffle_window=WINDOW)
             else:
                 cache_dir = warm_dir if source == "s3 warm" else tempfile.mkdtemp(dir=work)
-                ds = LogitCacheDataset(s3_url, storage_options=options, cache_dir=cache_dir)
+                ds = LogitCacheDataset(
+                    s3_url, storage_options=options, cache_dir=cache_dir, shuffle_window=WINDOW
+                )
             rate = _epoch_rate(LogitCacheLoader(ds, args.batch_size, num_workers=workers))
             if source == "s3 cold":
                 shutil.rmtree(cache_dir, ignore_errors=True)

@@ -68,11 +68,18 @@ class _CacheHandle:
         self.__init__(state["url"], state["options"])
 
 
+# More records than this per window only lengthens the permutations, not the mixing.
+MAX_SHUFFLE_WINDOW = 1 << 16
+
+
 class LogitCacheDataset(IterableDataset):
     """Streams the records of a cache in a deterministic order from (seed, epoch).
 
     Order: shards permuted, chunks permuted within each shard, then records permuted within
-    windows of `shuffle_window` records (the bounded shuffle buffer). Ranks (torch.distributed
+    windows of `shuffle_window` records (the bounded shuffle buffer). A window's chunks are
+    decoded together, so by default the window holds about `shuffle_window_bytes` of decoded
+    data (the manifest's average record size decides how many records that is): long records
+    get fewer per window instead of more memory. Ranks (torch.distributed
     if initialised, else `rank`/`world_size`) take contiguous slices of the epoch order, and
     DataLoader workers contiguous slices of their rank's; `uneven` says how a record count that
     does not divide evenly across ranks is handled: "pad" (default; repeats the first few
@@ -94,18 +101,22 @@ class LogitCacheDataset(IterableDataset):
         k: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
-        shuffle_window: int = 4096,
+        shuffle_window: int | None = None,
+        shuffle_window_bytes: int = 256 << 20,
         uneven: str = "pad",
         rank: int | None = None,
         world_size: int | None = None,
         prefetch_shards: int = 2,
     ):
-        if shuffle_window < 1:
+        if shuffle_window is not None and shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
+        if shuffle_window_bytes < 1:
+            raise ValueError(f"shuffle_window_bytes must be >= 1, got {shuffle_window_bytes}")
         self.url = url
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.shuffle_window = int(shuffle_window)
+        self._shuffle_window = None if shuffle_window is None else int(shuffle_window)
+        self.shuffle_window_bytes = int(shuffle_window_bytes)
         self.uneven = uneven
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         rank_span(0, self.rank, self.world_size, uneven)  # validates early
@@ -131,6 +142,18 @@ class LogitCacheDataset(IterableDataset):
     @property
     def positions(self) -> str:
         return self.cache.manifest.positions
+
+    @property
+    def shuffle_window(self) -> int:
+        """Records per shuffle window: as given, or what fits `shuffle_window_bytes` decoded."""
+        if self._shuffle_window is None:
+            m = self.cache.manifest
+            decoded = m.tokens * 5 + m.targets * self.cache.k * 6  # int32 + bool, int32 + fp16
+            per_record = max(1.0, decoded / max(1, m.records))
+            self._shuffle_window = int(
+                min(MAX_SHUFFLE_WINDOW, max(1, self.shuffle_window_bytes // per_record))
+            )
+        return self._shuffle_window
 
     @property
     def is_remote(self) -> bool:
@@ -346,6 +369,18 @@ class LogitCacheMapDataset(Dataset):
     @property
     def positions(self) -> str:
         return self.cache.manifest.positions
+
+    @property
+    def shuffle_window(self) -> int:
+        """Records per shuffle window: as given, or what fits `shuffle_window_bytes` decoded."""
+        if self._shuffle_window is None:
+            m = self.cache.manifest
+            decoded = m.tokens * 5 + m.targets * self.cache.k * 6  # int32 + bool, int32 + fp16
+            per_record = max(1.0, decoded / max(1, m.records))
+            self._shuffle_window = int(
+                min(MAX_SHUFFLE_WINDOW, max(1, self.shuffle_window_bytes // per_record))
+            )
+        return self._shuffle_window
 
     def __len__(self) -> int:
         return len(self.cache)

@@ -187,3 +187,19 @@ def test_loader_batches_are_collated_kd_batches(cache_url):
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["kd_ids"].shape[1] == 8
     assert int((batch["labels"] != -100).sum()) == batch["kd_index"].numel()
+
+
+def test_default_shuffle_window_holds_a_bounded_amount_of_decoded_data(cache_url):
+    with open_cache(cache_url) as cache:
+        m = cache.manifest
+        per_record = (m.tokens * 5 + m.targets * m.k * 6) / m.records
+    small = LogitCacheDataset(cache_url, shuffle_window_bytes=40 * 1024)
+    assert small.shuffle_window == int(40 * 1024 // per_record)
+    assert 1 <= small.shuffle_window < N_RECORDS
+    # The window only changes how far records mix: every record still comes once per epoch.
+    assert sorted(_ids(small)) == sorted(_ids(LogitCacheDataset(cache_url, shuffle_window=7)))
+    big = LogitCacheDataset(cache_url)
+    assert big.shuffle_window > N_RECORDS  # 256 MiB holds this whole toy cache
+    assert LogitCacheDataset(cache_url, shuffle_window=5).shuffle_window == 5
+    with pytest.raises(ValueError, match="shuffle_window_bytes"):
+        LogitCacheDataset(cache_url, shuffle_window_bytes=0)
