@@ -370,18 +370,6 @@ class LogitCacheMapDataset(Dataset):
     def positions(self) -> str:
         return self.cache.manifest.positions
 
-    @property
-    def shuffle_window(self) -> int:
-        """Records per shuffle window: as given, or what fits `shuffle_window_bytes` decoded."""
-        if self._shuffle_window is None:
-            m = self.cache.manifest
-            decoded = m.tokens * 5 + m.targets * self.cache.k * 6  # int32 + bool, int32 + fp16
-            per_record = max(1.0, decoded / max(1, m.records))
-            self._shuffle_window = int(
-                min(MAX_SHUFFLE_WINDOW, max(1, self.shuffle_window_bytes // per_record))
-            )
-        return self._shuffle_window
-
     def __len__(self) -> int:
         return len(self.cache)
 
