@@ -313,23 +313,11 @@ def byte_bit_unshuffle(src, elementsize, byte_planes, out):  # pragma: no cover 
         words = out[: n * 4].view(np.uint32)
         for i in range(n):
             words[i] = np.uint32(src[i]) | (np.uint32(src[n + i]) << 8)
-        for q in range(16):
-            bit = np.uint32(1) << np.uint32(31 - q)
-            off = base + q * nb
-            for blk in range(nb):
-                v = src[off + blk]
-                if v == 0:
-                    continue
-                for j in range(8):
-                    if v & (0x80 >> j):
-                        i = blk * 8 + j
-                        if i >= n:
-                            return -1
-                        words[i] |= bit
-        return 0
-    for b in range(byte_planes):
-        for i in range(n):
-            out[i * elementsize + b] = src[b * n + i]
+    else:
+        for b in range(byte_planes):
+            for i in range(n):
+                out[i * elementsize + b] = src[b * n + i]
+    # The bit planes are mostly zero bytes, skipped at once.
     high_bits = (elementsize - byte_planes) * 8
     top = elementsize * 8 - 1
     for q in range(high_bits):

@@ -68,11 +68,42 @@ class _CacheHandle:
         self.__init__(state["url"], state["options"])
 
 
+class _CacheBacked:
+    """A dataset over one cache, opened lazily in each process (see _CacheHandle)."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None,
+        cache_dir: str | None,
+        cache_limit_bytes: int | None,
+        k: int | None,
+    ):
+        self.url = url
+        self._handle = _CacheHandle(
+            url,
+            {
+                "storage_options": storage_options,
+                "cache_dir": cache_dir,
+                "cache_limit_bytes": cache_limit_bytes,
+                "k": k,
+            },
+        )
+
+    @property
+    def cache(self) -> LogitCache:
+        return self._handle.cache
+
+    @property
+    def positions(self) -> str:
+        return self.cache.manifest.positions
+
+
 # More records than this per window only lengthens the permutations, not the mixing.
 MAX_SHUFFLE_WINDOW = 1 << 16
 
 
-class LogitCacheDataset(IterableDataset):
+class LogitCacheDataset(_CacheBacked, IterableDataset):
     """Streams the records of a cache in a deterministic order from (seed, epoch).
 
     Order: shards permuted, chunks permuted within each shard, then records permuted within
@@ -112,7 +143,7 @@ class LogitCacheDataset(IterableDataset):
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
         if shuffle_window_bytes < 1:
             raise ValueError(f"shuffle_window_bytes must be >= 1, got {shuffle_window_bytes}")
-        self.url = url
+        super().__init__(url, storage_options, cache_dir, cache_limit_bytes, k)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self._shuffle_window = None if shuffle_window is None else int(shuffle_window)
@@ -122,27 +153,10 @@ class LogitCacheDataset(IterableDataset):
         rank_span(0, self.rank, self.world_size, uneven)  # validates early
         self.prefetch_shards = int(prefetch_shards)
         self.epoch = 0
-        self._handle = _CacheHandle(
-            url,
-            {
-                "storage_options": storage_options,
-                "cache_dir": cache_dir,
-                "cache_limit_bytes": cache_limit_bytes,
-                "k": k,
-            },
-        )
         self._resume: dict[str, Any] | None = None
         self._yielded = 0  # samples handed out in this process during this epoch (no workers)
 
     # -- what the cache looks like -----------------------------------------------------
-    @property
-    def cache(self) -> LogitCache:
-        return self._handle.cache
-
-    @property
-    def positions(self) -> str:
-        return self.cache.manifest.positions
-
     @property
     def shuffle_window(self) -> int:
         """Records per shuffle window: as given, or what fits `shuffle_window_bytes` decoded."""
@@ -335,7 +349,7 @@ class LogitCacheDataset(IterableDataset):
         return state
 
 
-class LogitCacheMapDataset(Dataset):
+class LogitCacheMapDataset(_CacheBacked, Dataset):
     """Random access to the records of a cache: `len(ds)`, `ds[i] -> Record`.
 
     For samplers of your own (e.g. torch's DistributedSampler); streaming large remote caches
@@ -351,24 +365,7 @@ class LogitCacheMapDataset(Dataset):
         cache_limit_bytes: int | None = None,
         k: int | None = None,
     ):
-        self.url = url
-        self._handle = _CacheHandle(
-            url,
-            {
-                "storage_options": storage_options,
-                "cache_dir": cache_dir,
-                "cache_limit_bytes": cache_limit_bytes,
-                "k": k,
-            },
-        )
-
-    @property
-    def cache(self) -> LogitCache:
-        return self._handle.cache
-
-    @property
-    def positions(self) -> str:
-        return self.cache.manifest.positions
+        super().__init__(url, storage_options, cache_dir, cache_limit_bytes, k)
 
     def __len__(self) -> int:
         return len(self.cache)
