@@ -164,7 +164,7 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
     autocast_dtype = autocast_dtype_for(config, device)
     student.model.to(device)
     if config.gradient_checkpointing:
-        student.model.gradient_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(student.model)
     wrapped = wrap_model(
         StudentWithHead(student.model),
         student.model,
@@ -435,6 +435,15 @@ def autocast_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype
     if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(kwargs)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import kd.checkpoint
 import kd.packing
 from kd.config import TrainConfig, validate
+from kd.losses import reference_kd_sft_loss
 from kd.metrics import read_metrics
 from kd.train import train
 
@@ -347,3 +348,74 @@ def test_cli_run_toml_reproduces_the_run_and_kd_eval_scores_it(kd_inputs, tmp_pa
     result = json.loads(scored.stdout)
     assert result["records"] == 24 and result["targets"] > 0
     assert 0 < result["ce"] < 10 and 0 <= result["accuracy"] <= 1 and result["kl"] > 0
+
+
+def test_accumulation_checkpointing_and_bf16_keep_the_step_losses(kd_inputs, tmp_path):
+    # One step = the same 8 records either way; the loss is the mean over all of their targets.
+    common = dict(max_steps=3, group_by_length=False)
+    runs = {
+        "plain": dict(batch_size=8),
+        "accumulated": dict(batch_size=4, grad_accum=2),
+        "checkpointed": dict(batch_size=8, gradient_checkpointing=True),
+        "bf16": dict(batch_size=8, precision="bf16"),
+    }
+    losses = {}
+    for name, options in runs.items():
+        train(config_for(kd_inputs, tmp_path / name, **common, **options), progress=False)
+        losses[name] = train_losses(tmp_path / name)
+    for step in (1, 2, 3):
+        want = losses["plain"][step]
+        for name, rel in (("accumulated", 1e-5), ("checkpointed", 1e-5), ("bf16", 3e-2)):
+            for key in ("loss", "kd", "ce"):
+                assert losses[name][step][key] == pytest.approx(want[key], rel=rel), (name, key)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_rows_give_each_record_its_unpacked_losses(kd_inputs, tmp_path, arch):
+    from kd.packing import check_packing_support, collate_micro_batch
+    from kd.student import StudentWithHead
+    from logitcache import open_cache
+
+    path = build_model(tmp_path / arch, arch=arch, tokenizer=kd_inputs.tokenizer, seed=2)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    check_packing_support(model, vocab_rows=len(kd_inputs.tokenizer))
+    with open_cache(str(kd_inputs.cache)) as cache:
+        records = [cache[i] for i in range(7)]
+
+    def per_record(hidden, weight, bias, batch):
+        """Each record's summed CE and renormalised top-K KL, from full logits."""
+        out = []
+        width = batch["input_ids"].shape[1]
+        logits = (hidden @ weight.t()).double()
+        kd_at = {int(p): j for j, p in enumerate(batch["kd_index"])}
+        for row, start, length in batch["segments"].tolist():
+            positions = [
+                p for p in range(start + 1, start + length) if batch["labels"][row, p] >= 0
+            ]
+            z = torch.stack([logits[row, p - 1] for p in positions])
+            y = torch.stack([batch["labels"][row, p] for p in positions])
+            rows = [kd_at[row * width + p] for p in positions]
+            loss = reference_kd_sft_loss(
+                z, y, batch["kd_ids"][rows], batch["kd_logprobs"][rows].double(), reduction="sum"
+            )
+            out.append((float(loss.ce), float(loss.kd)))
+        return out
+
+    wrapped = StudentWithHead(model)
+    with torch.no_grad():
+        padded = wrapped(collate_micro_batch(records, positions="supervised"), per_record)
+        packed_batch = collate_micro_batch(
+            records, positions="supervised", packing=True, pack_length=120
+        )
+        packed = wrapped(packed_batch, per_record)
+    assert packed_batch["input_ids"].shape[0] < len(records)  # several records share rows
+    np.testing.assert_allclose(packed, padded, rtol=1e-5)
+
+    # A model whose attention ignores restarting positions is refused before training.
+    body = model.base_model
+    forward = body.forward
+    body.forward = lambda *args, position_ids=None, **kwargs: forward(*args, **kwargs)
+    with pytest.raises(ValueError, match="does not keep packed records apart"):
+        check_packing_support(model, vocab_rows=len(kd_inputs.tokenizer))
