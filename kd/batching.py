@@ -84,6 +84,7 @@ class MicroBatchStream:
         self._before: dict[str, Any] | None = None  # loader state before the current group
         self._group = 0  # index of the current group within its epoch
         self._skip = 0  # micro-batches to skip in the next group (after a resume)
+        self._resumed: dict[str, Any] | None = None  # loader state to resume from, until used
         self.epoch = loader.dataset.epoch
 
     def __iter__(self):
@@ -108,14 +109,16 @@ class MicroBatchStream:
             self._iter = iter(self.loader)
             if self._before is None or self._before["epoch"] != self.loader.dataset.epoch:
                 self._group = -1
-        before = self.loader.state_dict()
+        # Before its first batch a resumed loader reports the start of the epoch, not the
+        # resume point: the state loaded is the one to record.
+        before = self._resumed if self._resumed is not None else self.loader.state_dict()
         try:
             group = next(self._iter)
         except StopIteration:
-            self._iter = None
+            self._iter, self._resumed = None, None
             self._pending, self._taken = [], 0
             return False
-        self._before = before
+        self._before, self._resumed = before, None
         self.epoch = int(before["epoch"])
         self._group += 1
         if self.shuffle_groups:
@@ -127,6 +130,8 @@ class MicroBatchStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: JSON-able integers and the loader's state."""
+        if self._resumed is not None:  # resumed, nothing taken since
+            return {"loader": self._resumed, "group": self._group + 1, "taken": self._skip}
         if self._before is None or self._taken >= len(self._pending):
             # Between groups: the loader's own state is the whole story.
             return {"loader": self.loader.state_dict(), "group": self._group + 1, "taken": 0}
@@ -136,7 +141,7 @@ class MicroBatchStream:
         self.loader.load_state_dict(state["loader"])
         self._iter, self._pending = None, []
         self._taken = 0
-        self._before = state["loader"]
+        self._before = self._resumed = state["loader"]
         self._group = int(state["group"]) - 1
         self._skip = int(state["taken"])
         self.epoch = int(state["loader"]["epoch"])

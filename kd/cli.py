@@ -147,6 +147,11 @@ def add_eval(sub) -> None:
         default=2048,
         help="jsonl/Parquet rows: truncate to this many tokens (2048)",
     )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="jsonl/Parquet rows: render prompt/response pairs with the chat template",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
     p.add_argument(
         "--storage-options", metavar="JSON", help="fsspec options for a remote cache, as JSON"
@@ -174,6 +179,7 @@ def run_eval(args) -> int:
         device=args.device,
         tokenizer=args.tokenizer,
         storage_options=options,
+        chat_template=args.chat_template,
     )
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, **result.as_dict()}))

@@ -157,6 +157,9 @@ class TrainConfig:
     eval_max_records: int = _key("evaluate on the first N held-out records (0: all)", 0)
     eval_batch_size: int = _key("records per eval batch (0: batch_size)", 0)
     eval_max_length: int = _key("jsonl eval data: truncate examples to this many tokens", 2048)
+    eval_chat_template: bool = _key(
+        "jsonl eval data: render prompt/response rows with the tokenizer's chat template", False
+    )
     log_every: int = _key("write train metrics every N steps", 10)
     save_every: int = _key("write a checkpoint every N steps (0: only at the end)", 0)
     keep_checkpoints: int = _key("checkpoints kept, newest first (0: all)", 2)

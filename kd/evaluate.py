@@ -82,11 +82,13 @@ def load_eval_set(
     storage_options: dict | None = None,
     cache_dir: str | None = None,
     check_tokenizer: bool = True,
+    chat_template: bool = False,
 ) -> EvalSet:
     """Read a held-out logit cache or SFT rows into memory (the first `max_records`, 0: all).
 
     A cache's tokenizer fingerprint is checked against `tokenizer`; SFT rows are tokenized
-    with it (truncated to `max_length` tokens).
+    with it (truncated to `max_length` tokens; prompt/response pairs rendered with the chat
+    template when `chat_template`, as `kd cache` can do for training rows).
     """
     if is_cache(data, storage_options):
         with open_cache(data, storage_options=storage_options, cache_dir=cache_dir) as cache:
@@ -112,7 +114,9 @@ def load_eval_set(
             )
     from .data import DataStats, ExampleBuilder, iter_examples
 
-    builder = ExampleBuilder(tokenizer, max_length=max_length, overflow="truncate")
+    builder = ExampleBuilder(
+        tokenizer, max_length=max_length, overflow="truncate", chat_template=chat_template
+    )
     stats = DataStats()
     examples = iter_examples(
         data, builder, storage_options=storage_options, stats=stats, limit=max_records or None
@@ -303,6 +307,7 @@ def evaluate_model(
     tokenizer: str | None = None,
     storage_options: dict | None = None,
     vocab_size: int | None = None,
+    chat_template: bool = False,
 ) -> EvalResult:
     """Load a model directory (safetensors) and score held-out data (a cache, jsonl/Parquet
     rows, or an EvalSet already loaded, to score several models on one set).
@@ -322,6 +327,7 @@ def evaluate_model(
             max_records=max_records,
             max_length=max_length,
             storage_options=storage_options,
+            chat_template=chat_template,
         )
     rows = embedding_rows(loaded.model)
     vocab = vocab_size or (min(rows, eval_set.vocab_size) if eval_set.vocab_size else rows)

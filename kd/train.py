@@ -70,6 +70,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_max_records",
         "eval_batch_size",
         "eval_max_length",
+        "eval_chat_template",
         "log_every",
         "save_every",
         "keep_checkpoints",
@@ -100,15 +101,17 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     cache, eval data or output directory do not fit together.
     """
     ranks = init_ranks(config.device)
+    threads = torch.get_num_threads()
     try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
         return _train(config, ranks, resume, progress)
     finally:
+        torch.set_num_threads(threads)
         shutdown(ranks)
 
 
 def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool) -> TrainResult:
-    if config.threads:
-        torch.set_num_threads(config.threads)
     out = config.output_dir
     resumed = prepare_output_dir(config, resume, ranks)
     seed_everything(config.seed)
@@ -495,6 +498,7 @@ def open_eval_set(config: TrainConfig, student: Student) -> EvalSet:
             max_length=config.eval_max_length,
             storage_options=config.storage_options or None,
             check_tokenizer=not config.ignore_tokenizer_mismatch,
+            chat_template=config.eval_chat_template,
         )
     except CacheError as exc:
         raise ValueError(f"eval_data {config.eval_data}: {exc}") from None

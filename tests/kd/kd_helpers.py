@@ -138,17 +138,23 @@ TRAIN_ROWS, HELDOUT_ROWS = 96, 24
 
 
 def make_kd_inputs(base: Path, tokenizer) -> KDInputs:
+    import torch
+
     from .conftest import build_model
 
     train_rows = sft_rows(TRAIN_ROWS, seed=0)
     heldout_rows = sft_rows(HELDOUT_ROWS, seed=1)
-    teacher = build_teacher(base / "teacher", tokenizer, train_rows)
-    student = build_model(base / "student", tokenizer=tokenizer, seed=7)
-    return KDInputs(
-        tokenizer=tokenizer,
-        teacher=teacher,
-        student=student,
-        cache=build_kd_cache(base / "cache", teacher, train_rows),
-        heldout_cache=build_kd_cache(base / "heldout-cache", teacher, heldout_rows),
-        heldout_jsonl=write_jsonl(heldout_rows, base / "heldout.jsonl"),
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and steady on a busy machine
+    try:
+        teacher = build_teacher(base / "teacher", tokenizer, train_rows)
+        return KDInputs(
+            tokenizer=tokenizer,
+            teacher=teacher,
+            student=build_model(base / "student", tokenizer=tokenizer, seed=7),
+            cache=build_kd_cache(base / "cache", teacher, train_rows),
+            heldout_cache=build_kd_cache(base / "heldout-cache", teacher, heldout_rows),
+            heldout_jsonl=write_jsonl(heldout_rows, base / "heldout.jsonl"),
+        )
+    finally:
+        torch.set_num_threads(threads)

@@ -36,6 +36,7 @@ def config_for(kd_inputs, out, **overrides) -> TrainConfig:
         log_every=1,
         plot=False,
         seed=3,
+        threads=1,
     )
     values.update(overrides)
     config = TrainConfig(**values)
@@ -159,7 +160,7 @@ def test_n_steps_plus_resume_n_equals_2n(kd_inputs, tmp_path, workers):
         keep_checkpoints=0,
         warmup_steps=3,
         eval_data=str(kd_inputs.heldout_cache),
-        eval_every=5,
+        eval_every=6,
     )
     whole = tmp_path / "whole"
     train(config_for(kd_inputs, whole, **settings), progress=False)
@@ -180,7 +181,7 @@ def test_n_steps_plus_resume_n_equals_2n(kd_inputs, tmp_path, workers):
                 key,
             )
     evals = [r for r in read_metrics(str(resumed)) if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 5, 10, 14]
+    assert [r["step"] for r in evals] == [0, 6, 12, 14]
     a, b = weights(whole / "model"), weights(resumed / "model")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
@@ -299,7 +300,7 @@ def test_an_existing_run_needs_resume_or_overwrite(kd_inputs, tmp_path):
 # The command line
 
 
-def test_cli_run_toml_reproduces_the_run_and_kd_eval_scores_it(kd_inputs, tmp_path):
+def test_cli_run_toml_reproduces_the_run(kd_inputs, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(
         f'student = "{kd_inputs.student}"\ncache = "{kd_inputs.cache}"\n'
@@ -330,24 +331,6 @@ def test_cli_run_toml_reproduces_the_run_and_kd_eval_scores_it(kd_inputs, tmp_pa
     assert "trained 3 steps" in again.stdout
     a, b = train_losses(tmp_path / "first"), train_losses(tmp_path / "again")
     assert [a[s]["loss"] for s in (1, 2, 3)] == [b[s]["loss"] for s in (1, 2, 3)]
-    scored = subprocess.run(
-        [
-            *kd,
-            "eval",
-            "--model",
-            str(tmp_path / "first" / "model"),
-            "--data",
-            str(kd_inputs.heldout_cache),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-    )
-    assert scored.returncode == 0, scored.stderr
-    result = json.loads(scored.stdout)
-    assert result["records"] == 24 and result["targets"] > 0
-    assert 0 < result["ce"] < 10 and 0 <= result["accuracy"] <= 1 and result["kl"] > 0
 
 
 def test_accumulation_checkpointing_and_bf16_keep_the_step_losses(kd_inputs, tmp_path):
@@ -419,3 +402,17 @@ def test_packed_rows_give_each_record_its_unpacked_losses(kd_inputs, tmp_path, a
     body.forward = lambda *args, position_ids=None, **kwargs: forward(*args, **kwargs)
     with pytest.raises(ValueError, match="does not keep packed records apart"):
         check_packing_support(model, vocab_rows=len(kd_inputs.tokenizer))
+
+
+def test_epochs_set_the_number_of_steps(kd_inputs, tmp_path):
+    # 96 records in micro-batches of 16: 6 per epoch.
+    result = train(
+        config_for(kd_inputs, tmp_path / "half", epochs=0.5, batch_size=16), progress=False
+    )
+    assert result.steps == 3 and result.summary["records"] == 48
+    result = train(
+        config_for(kd_inputs, tmp_path / "more", epochs=1.5, batch_size=16, grad_accum=2),
+        progress=False,
+    )
+    assert result.steps == 5  # ceil(1.5 * 6 / 2), the last step in the second epoch
+    assert result.summary["records"] == 5 * 2 * 16
