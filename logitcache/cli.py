@@ -225,9 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="join the partial manifests of distributed writers into one manifest",
         description="Join the partial manifests (_partial/rank-*.json) that writers with a rank "
-        "left in URL into URL/manifest.json, which commits the cache.",
+        "left in URL into URL/manifest.json, which commits the cache. Refused unless every rank "
+        "0..N-1 of the recorded world size is there exactly once with every shard it lists.",
     )
     p.add_argument("url", help="cache directory or URL")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="commit the ranks that are there even when some are missing (their records are "
+        "then absent from the cache)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=_positive_int,
+        metavar="N",
+        help="number of ranks, for partials written without one (format 1.0 writers)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every shard's whole-file checksum (reads every shard)",
+    )
     p.add_argument("--json", action="store_true", help="print the merged manifest's totals as JSON")
     _add_store_options(p)
     return parser
@@ -328,7 +346,13 @@ def cmd_convert(args) -> int:
 def cmd_merge(args) -> int:
     from .manifest import merge_partials
 
-    manifest = merge_partials(args.url, storage_options=args.storage_options)
+    manifest = merge_partials(
+        args.url,
+        storage_options=args.storage_options,
+        allow_incomplete=args.allow_incomplete,
+        world_size=args.world_size,
+        verify=args.verify,
+    )
     totals = {
         "url": args.url,
         "shards": len(manifest.shards),
