@@ -49,6 +49,13 @@ class WriterSlot:
         """Whether `rel` is a shard (or a temporary shard file) of this slot's naming."""
         return self._owned.match(rel) is not None
 
+    def owns_temporary(self, rel: str) -> bool:
+        """Whether `rel` is a temporary file left by writing this slot's commit or progress."""
+        return any(
+            re.fullmatch(re.escape(name) + r"\.tmp-[0-9a-f]{32}", rel)
+            for name in (self.commit_name, self.progress_name)
+        )
+
     @property
     def commit_name(self) -> str:
         return MANIFEST_NAME if self.rank is None else partial_manifest_name(self.rank)

@@ -113,10 +113,12 @@ class LocalStore:
         return os.path.getsize(self._path(rel))
 
     def list(self, rel_dir: str) -> list[str]:
-        path = self._path(rel_dir)
+        """Paths of the entries of `rel_dir` ("" for the root), relative to the root."""
+        path = self._path(rel_dir) if rel_dir else self.root
         if not os.path.isdir(path):
             return []
-        return sorted(f"{rel_dir}/{name}" for name in os.listdir(path))
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        return sorted(f"{prefix}{name}" for name in os.listdir(path))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: a reader sees the old file, the new file, or none, never half."""
@@ -313,6 +315,10 @@ class RemoteStore:
         self.fs  # noqa: B018 -- resolves self._root in this process
         return f"{self._root}/{check_relative_path(rel)}"
 
+    def _remote_root(self) -> str:
+        self.fs  # noqa: B018 -- resolves self._root in this process
+        return self._root
+
     def _url(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
@@ -350,7 +356,9 @@ class RemoteStore:
         return self._retry(rel, "read it", lambda: bytes(self.fs.cat_file(path)))
 
     def list(self, rel_dir: str) -> list[str]:
-        path = self._remote(rel_dir)
+        """Paths of the entries of `rel_dir` ("" for the root), relative to the root."""
+        path = self._remote(rel_dir) if rel_dir else self._remote_root()
+        prefix = f"{rel_dir}/" if rel_dir else ""
 
         def run() -> list[str]:
             self.fs.invalidate_cache(path)
@@ -359,12 +367,12 @@ class RemoteStore:
             except FileNotFoundError:
                 return []
             return sorted(
-                f"{rel_dir}/{posixpath.basename(n.rstrip('/'))}"
+                f"{prefix}{posixpath.basename(n.rstrip('/'))}"
                 for n in names
                 if n.rstrip("/") != path.rstrip("/")
             )
 
-        return self._retry(rel_dir, "list it", run)
+        return self._retry(rel_dir or ".", "list it", run)
 
     # -- writing: whole objects, uploaded once they are complete -----------------------------
 

@@ -31,6 +31,7 @@ from .format import (
     MAX_ROW_MASS,
     MAX_SAMPLE_ID_BYTES,
     MAX_VOCAB_SIZE,
+    PARTIAL_DIR,
     POSITIONS_ALL,
     POSITIONS_MODES,
     SHARD_DIR,
@@ -237,6 +238,9 @@ class CacheWriter:
         for rel in store.list(SHARD_DIR):
             if slot.owns(rel) and rel not in protected:
                 store.remove(rel)  # of this slot, listed nowhere: a run that did not commit
+        for rel in store.list("") + store.list(PARTIAL_DIR):
+            if slot.owns_temporary(rel):
+                store.remove(rel)
 
     def _check_kept(self, progress: Progress) -> None:
         """Every shard of the checkpoint is there, whole: size always, checksum locally."""
