@@ -19,6 +19,7 @@ EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_MAX_SIZE = 1 << 40
 
 
 def _size(text: str) -> int:
@@ -28,10 +29,12 @@ def _size(text: str) -> int:
     number = t[: len(t) - len(unit)] if unit else t
     try:
         value = int(float(number) * _SIZE_UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf / nan
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size (e.g. 2097152, 2M, 256MiB)"
         ) from None
+    if value > _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than the 1 TiB this option allows")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
     return value

@@ -9,6 +9,8 @@ memory stays bounded whatever the size.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,9 @@ from .interop import (
 )
 
 DEST_FORMATS = (FORMAT_CACHE, FORMAT_PARQUET)
+_RECORD_PREFIX = re.compile(r"^record \d+: ")
+# The file a Parquet export writes when its destination is a directory.
+PARQUET_PART_NAME = "part-00000.parquet"
 
 
 @dataclass
@@ -284,7 +289,7 @@ def convert(
             "metadata": metadata,
         }
         if dst_format == FORMAT_PARQUET:
-            count = _write_parquet(
+            count, dst = _write_parquet(
                 bar, dst, identity, logprob_dtype, dst_storage_options or storage_options, overwrite
             )
         else:
@@ -365,21 +370,38 @@ def _write_cache(
             try:
                 writer.add(**kwargs)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                # The writer counts records itself ("record 3: ..."); the source's location
+                # is the one a user can look up.
+                raise ValueError(f"{where}: {_RECORD_PREFIX.sub('', str(e))}") from None
             count += 1
     return count
 
 
 def _write_parquet(
     records, dst: str, identity: dict, logprob_dtype: str, storage_options, overwrite: bool
-) -> int:
+) -> tuple[int, str]:
+    """Export to the Parquet file `dst` (or a file inside the directory `dst`); returns the
+    record count and the file written."""
     import fsspec
 
     from .interop.parquet import export_header, write_parquet
 
     fs, _, (path,) = fsspec.get_fs_token_paths(dst, storage_options=storage_options or {})
-    if fs.exists(path) and not overwrite:
-        raise ValueError(f"{dst}: already exists; pass --overwrite to replace it")
+    if dst.endswith("/") or fs.isdir(path):
+        # A directory destination gets one file inside it, which an import of the directory
+        # reads back; the directory itself is never replaced.
+        path = f"{path.rstrip('/')}/{PARQUET_PART_NAME}"
+        dst = f"{dst.rstrip('/')}/{PARQUET_PART_NAME}"
+    if fs.exists(path):
+        if not overwrite:
+            raise ValueError(f"{dst}: already exists; pass --overwrite to replace it")
+        if fs.info(path).get("type") != "file" or (
+            _is_local_fs(fs) and not stat.S_ISREG(os.lstat(path).st_mode)
+        ):
+            raise ValueError(
+                f"{dst}: exists and is not a regular file; logitcache writes only regular "
+                "files: choose another destination"
+            )
     header = export_header(
         k=identity["k"],
         vocab_size=identity["vocab_size"],
@@ -403,6 +425,12 @@ def _write_parquet(
                 )
             yield Record(**kwargs)
 
-    return write_parquet(
+    count = write_parquet(
         checked(), dst, header=header, logprob_dtype=logprob_dtype, storage_options=storage_options
     )
+    return count, dst
+
+
+def _is_local_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
