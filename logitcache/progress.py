@@ -50,7 +50,7 @@ class Progress:
                 "format_version": FORMAT_VERSION,
                 "identity": self.identity,
                 "generation": self.generation,
-                "shards": [vars(s) for s in self.shards],
+                "shards": [s.to_json() for s in self.shards],
                 "records": sum(s.records for s in self.shards),
                 "progress": self.progress,
                 "created_at": now_iso(),

@@ -155,8 +155,9 @@ class ShardBuilder:
         self.tokens += chunk.tokens
         self.targets += chunk.targets
 
-    def finish(self) -> tuple[int, str]:
-        """Write footer and trailer, flush to disk; returns (file size, whole-file checksum)."""
+    def finish(self) -> tuple[int, str, str]:
+        """Write footer and trailer, flush to disk; returns (file size, whole-file checksum,
+        footer checksum as 16 hex digits)."""
         used = {name for c in self._chunks for name in c["blocks"]}
         footer = {
             "format_version": FORMAT_VERSION,
@@ -182,14 +183,15 @@ class ShardBuilder:
             self._write(b"\0" * pad)
         data = json.dumps(footer, separators=(",", ":")).encode()
         self._write(data)
-        self._write(_TRAILER.pack(len(data), xxhash.xxh3_64_intdigest(data), SHARD_MAGIC))
+        footer_digest = xxhash.xxh3_64_intdigest(data)
+        self._write(_TRAILER.pack(len(data), footer_digest, SHARD_MAGIC))
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
             raise type(exc)(exc.errno, exc.strerror or str(exc), self.path) from None
         self._file.close()
-        return self._offset, f"xxh3_64:{self._hash.hexdigest()}"
+        return self._offset, f"xxh3_64:{self._hash.hexdigest()}", f"{footer_digest:016x}"
 
     def abort(self) -> None:
         self._file.close()
@@ -235,6 +237,7 @@ class ShardFile:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self.size = size
+        self._entry = entry
         self._read_header()
         self.footer_start, footer = self._read_footer()
         self._parse_footer(footer, entry)
@@ -270,6 +273,13 @@ class ShardFile:
         data = self._mmap[start : start + length]
         if xxhash.xxh3_64_intdigest(data) != digest:
             self._fail("footer checksum mismatch")
+        recorded = getattr(self._entry, "footer_checksum", None)
+        if recorded is not None and recorded != f"{digest:016x}":
+            self._fail(
+                f"footer checksum {digest:016x} differs from {recorded} in the manifest: this "
+                "is not the file the manifest lists (renamed, swapped or copied from another "
+                "cache)"
+            )
         try:
             footer = strict_loads(bytes(data), source=f"shard {self.name} footer", what="it")
         except CorruptCacheError as exc:

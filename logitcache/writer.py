@@ -468,7 +468,7 @@ class CacheWriter:
     def _finish_shard(self) -> None:
         builder, rel = self._builder, self._builder_rel
         self._builder = None
-        size, checksum = builder.finish()
+        size, checksum, footer_checksum = builder.finish()
         self.store.put_file(builder.path, rel)
         self._shards.append(
             ShardEntry(
@@ -479,6 +479,7 @@ class CacheWriter:
                 bytes=size,
                 checksum=checksum,
                 chunk_records=builder.chunk_records,
+                footer_checksum=footer_checksum,
             )
         )
 

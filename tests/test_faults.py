@@ -109,10 +109,12 @@ def resync_manifest(cache: SmallCache, shard: int = 0, **entry_updates) -> None:
     manifest = Manifest.loads((cache.path / MANIFEST_NAME).read_bytes())
     entry = manifest.shards[shard]
     data = (cache.path / entry.path).read_bytes()
+    _, footer_digest, _ = struct.unpack_from("<QQ8s", data, len(data) - TRAILER_SIZE)
     entry = dataclasses.replace(
         entry,
         bytes=len(data),
         checksum=f"xxh3_64:{xxhash.xxh3_64_hexdigest(data)}",
+        footer_checksum=f"{footer_digest:016x}",
         **entry_updates,
     )
     manifest.shards[shard] = entry
