@@ -195,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions mode of an import (default supervised)",
     )
     p.add_argument(
+        "--layout",
+        choices=["token", "next-token"],
+        help="axolotl row layout: 'token' (default): row p is the distribution of token p, "
+        "rows right-aligned (axolotl's dataset transform); 'next-token': row t is the "
+        "distribution of token t+1 (axolotl's online-teacher collator). Every NeMo and axolotl "
+        "import checks the alignment from the data and refuses one that fits a neighbour "
+        "clearly better",
+    )
+    p.add_argument(
         "--codecs",
         type=_json_object,
         metavar="JSON",
@@ -333,6 +342,7 @@ def cmd_convert(args) -> int:
         dst_storage_options=args.dst_storage_options,
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        layout=args.layout,
     )
     print(
         f"wrote {result.records:,} records ({result.src_format} -> {result.dst_format}, "
