@@ -116,7 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="candidates shown per token with --record (default 5)",
     )
     p.add_argument(
-        "--tokenizer", metavar="DIR", help="local tokenizer directory to decode tokens as text"
+        "--tokenizer",
+        metavar="DIR",
+        help="local tokenizer directory to decode tokens as text; refused when its vocabulary "
+        "fingerprint differs from the one the cache records",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="decode with --tokenizer even when its fingerprint differs from the cache's "
+        "(the text shown is then not what the teacher saw)",
     )
     p.add_argument("--json", action="store_true", help="print JSON for machines instead of text")
     p.add_argument(
@@ -284,6 +293,13 @@ def cmd_inspect(args) -> int:
     progress = False if args.no_progress else None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     with _open(args) as cache:
+        if tokenizer is not None and not args.force:
+            from .identity import check_tokenizer
+
+            try:
+                check_tokenizer(cache.manifest.tokenizer, tokenizer)
+            except CacheError as e:
+                raise CacheError(f"{e}; pass --force to decode with it anyway") from None
         if args.record is not None:
             view = record_view(cache, args.record, top=args.top, tokenizer=tokenizer)
             print(json.dumps(view, indent=1) if args.json else format_record_view(view))

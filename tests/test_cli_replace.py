@@ -119,3 +119,36 @@ def test_oversized_or_infinite_sizes_are_usage_errors(tmp_path):
     for size in ("inf", "nan", "1e400"):
         out = run("convert", cache, tmp_path / "d", "--chunk-bytes", size)
         assert out.returncode == 2 and "Traceback" not in out.stderr, size
+
+
+def test_inspect_refuses_a_tokenizer_of_another_vocabulary_unless_forced(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_cli import VOCAB
+
+    def tokenizer_dir(name: str, prefix: str):
+        vocab = {f"{prefix}{i}": i for i in range(VOCAB)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=f"{prefix}0"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        path = tmp_path / name
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{prefix}0").save_pretrained(path)
+        return path
+
+    teacher_tok, other_tok = tokenizer_dir("teacher", "w"), tokenizer_dir("other", "v")
+    src = write_cache(tmp_path / "src", n=3)
+    cache = tmp_path / "c"
+    assert run("convert", src, cache, "--tokenizer", teacher_tok).returncode == 0
+    assert run("inspect", cache, "--record", "0", "--tokenizer", teacher_tok).returncode == 0
+    out = run("inspect", cache, "--record", "0", "--tokenizer", other_tok)
+    assert out.returncode == 1 and "fingerprint" in out.stderr and "--force" in out.stderr
+    forced = run("inspect", cache, "--record", "0", "--tokenizer", other_tok, "--force")
+    assert forced.returncode == 0 and "'v" in forced.stdout
+
+
+def test_negative_record_index_out_of_range_names_the_index(tmp_path):
+    cache = write_cache(tmp_path / "c", n=20)
+    with open_cache(str(cache)) as c:
+        with __import__("pytest").raises(IndexError, match=r"record -21 is out of range"):
+            c[-21]
+        assert c[-20].sample_id == c[0].sample_id
