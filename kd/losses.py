@@ -19,8 +19,10 @@ teacher logprobs l_1..l_K (full-vocabulary log-softmax at temperature 1), temper
 With ``scale_by_t2`` the KD term is multiplied by tau**2 (Hinton et al.). The SFT cross-entropy is
 at tau = 1 over the full vocabulary, whatever tau the KD term uses; NeMo-Aligner's SFT term at
 tau != 1 is instead the cross-entropy of z / tau, so at tau != 1 the two totals differ in their SFT
-part. ``kd_weight``, ``sft_weight`` and ``temperature`` must be finite (a ValueError otherwise). Averaging: ``kd`` is the mean over rows that have teacher data
-(M_kd rows), ``ce`` the mean over rows whose target is not ``IGNORE_INDEX`` (M_ce rows), and
+part. ``kd_weight``, ``sft_weight`` and ``temperature`` must be finite (a ValueError otherwise).
+
+Averaging: ``kd`` is the mean over rows that have teacher data (M_kd rows), ``ce`` the mean
+over rows whose target is not ``IGNORE_INDEX`` (M_ce rows), and
 ``total = kd_weight * kd + sft_weight * ce``; an empty set gives 0 for its part, never NaN.
 ``reduction="sum"`` returns sums instead, for callers that normalise by a global token count.
 

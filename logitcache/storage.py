@@ -304,7 +304,9 @@ class RemoteStore:
             if self._pid != os.getpid():
                 self._init_process_state()
             try:
-                fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+                fs, root = fsspec.core.url_to_fs(
+                    self.url, **_with_default_timeouts(self.url, self.storage_options)
+                )
             except (ImportError, ValueError) as exc:
                 raise CacheError(f"{self.url}: cannot open this URL with fsspec: {exc}") from exc
             self._root = root.rstrip("/")
@@ -578,6 +580,19 @@ class RemoteStore:
             prefetcher.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# botocore waits 60 s for a connection by default, several times over, before anything is
+# reported; an endpoint that cannot be reached should say so sooner.
+S3_CONNECT_TIMEOUT_S = 10
+
+
+def _with_default_timeouts(url: str, options: dict) -> dict:
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    return {**options, "config_kwargs": config}
 
 
 def _remove_quietly(path: str) -> bool:
