@@ -152,3 +152,31 @@ def test_negative_record_index_out_of_range_names_the_index(tmp_path):
         with __import__("pytest").raises(IndexError, match=r"record -21 is out of range"):
             c[-21]
         assert c[-20].sample_id == c[0].sample_id
+
+
+def test_a_full_disk_is_reported_with_the_path(tmp_path):
+    """Writes that fail for lack of space name the file: the child may write at most 64 KiB
+    per file (RLIMIT_FSIZE), and a shard larger than that fails as a full disk would."""
+    import resource
+    import signal
+    import subprocess
+
+    from tests.test_cli import BASE_CMD
+
+    src = write_cache(tmp_path / "src", n=600)
+    dst = tmp_path / "dst"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = subprocess.run(
+        [*BASE_CMD, "convert", str(src), str(dst), "--shard-bytes", "1M", "--no-progress"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "File too large" in out.stderr and str(dst / "shards") in out.stderr
+    assert not (dst / "manifest.json").exists()
