@@ -92,6 +92,8 @@ OPERATIONS = {
 def run_child(operation, root: str) -> int:
     pid = os.fork()
     if pid == 0:  # the child: run the operation, then leave without any cleanup handlers
+        # Its output must not mix with the report this process prints.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
         try:
             operation(root)
