@@ -78,6 +78,18 @@ class CacheWriter:
     output. Rows may come in any order; they are stored in canonical order (logprob
     descending, ties by id ascending). float32/float64 logprobs are rounded to fp16, and
     values below the fp16 range (probability 0 at any precision) are stored as -65504.
+
+    Shards are named with a fresh generation token, so `overwrite=True` writes the new cache
+    beside the old one, commits its manifest, and only then removes the old shards: a crash at
+    any moment leaves one of the two readable. Files the writer did not create are never removed.
+
+    Distributed writers pass `rank` and `world_size`: each rank commits a partial manifest
+    and `logitcache merge` (or `merge_partials`) commits the cache once all ranks finished.
+
+    Long runs call `checkpoint(progress)` now and then; a run killed later is continued by a
+    writer created with `resume=True` and the same identity (k, vocab_size, positions, teacher,
+    tokenizer, metadata, codecs, rank, world_size), which keeps the checkpointed shards and
+    returns the caller's `progress` as `resumed_progress` (None when starting fresh).
     """
 
     def __init__(
