@@ -49,6 +49,8 @@ def run_trials(operation: str, template: Path, base: Path, seed: int) -> dict:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(report["trials"]) == TRIALS
+    # Shown with `pytest -s`: the measured run time the kill delays were drawn from.
+    print(f"\n{operation}: one unkilled run takes {1000 * report['duration']:.1f} ms")
     return report
 
 
@@ -100,6 +102,7 @@ def check_old_or_new(report: dict, old: list[dict], new: list[dict]) -> dict[str
 
 
 def assert_spread(outcome: dict[str, int]) -> None:
+    print(f"outcome of {TRIALS} kills: {outcome}")
     # Kills landed both before and after the commit, and most children were really killed.
     assert outcome["old"] >= 3 and outcome["new"] >= 3, outcome
     assert outcome["killed"] >= TRIALS // 3, outcome
@@ -188,4 +191,5 @@ def test_killed_checkpointing_writer_resumes_to_the_uninterrupted_cache(tmp_path
         assert (
             listed | {MANIFEST_NAME, FOREIGN} <= files <= listed | {MANIFEST_NAME, FOREIGN} | extra
         )
+    print(f"{resumed} of {TRIALS} killed runs resumed from a checkpoint")
     assert resumed >= 5
