@@ -561,6 +561,7 @@ class CacheWriter:
         try:
             self._drain()
             manifest = self.manifest
+            self._check_published(manifest.shards)
             self.store.write_bytes(self._commit_name(), manifest.dumps())
         except BaseException:
             self.abort()
@@ -571,6 +572,23 @@ class CacheWriter:
         for rel in sorted(self._replaced - {s.path for s in manifest.shards}):
             self.store.remove(rel)
         return manifest
+
+    def _check_published(self, shards: list[ShardEntry]) -> None:
+        """Every shard about to be committed is there with its size: a second writer started
+        on the same root by mistake clears this one's files, and must not yield a manifest
+        that lists missing shards."""
+        for entry in shards:
+            try:
+                size = self.store.size(entry.path)
+            except FileNotFoundError:
+                size = None
+            if size != entry.bytes:
+                raise CacheError(
+                    f"{self.store.url}: shard {entry.path} this writer published is "
+                    f"{'gone' if size is None else f'{size} bytes, not {entry.bytes}'}; was "
+                    "another writer started on the same URL? Nothing was committed: run one "
+                    "writer per URL (and rank), then write again"
+                )
 
     def abort(self) -> None:
         """Drop what was written since the last checkpoint; nothing is committed.

@@ -160,3 +160,20 @@ def test_ranks_checkpoint_resume_and_merge(tmp_path):
     with open_cache(str(tmp_path)) as cache:
         for i, (got, want) in enumerate(zip(cache, parts[0] + parts[1], strict=True)):
             assert_record_equal(got, want, where=f"record {i}")
+
+
+def test_a_second_writer_on_the_same_root_cannot_leave_a_broken_cache(tmp_path):
+    """Started by mistake while the first runs, the second clears the first's unlisted shards;
+    the first then refuses to commit rather than list missing files."""
+    records = make_records(12, seed=6)
+    first = CacheWriter(str(tmp_path), **OPTIONS)
+    for record in records:
+        first.add(**record)
+    first.checkpoint({"next": 12})  # its shards are listed by its progress file now...
+    (tmp_path / PROGRESS).unlink()  # ...which a careless user deletes
+    with CacheWriter(str(tmp_path), **OPTIONS) as second:
+        second.add(**records[0])
+    with pytest.raises(CacheError, match="another writer started on the same URL"):
+        first.close()
+    with open_cache(str(tmp_path)) as cache:
+        assert len(cache) == 1 and cache.verify() == []
