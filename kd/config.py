@@ -361,13 +361,55 @@ def validate(config: TrainConfig) -> None:
 # Writing
 
 
+# storage_options entries that hold credentials: never written to run.toml or a checkpoint.
+SECRET_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "access_key",
+        "secret_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "credentials",
+    }
+)
+
+
+def redact_options(options: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """`options` without credential entries (at any depth), and the dotted names left out."""
+    kept, removed = {}, []
+    for k, v in options.items():
+        if str(k).lower() in SECRET_OPTIONS:
+            removed.append(prefix + str(k))
+        elif isinstance(v, dict):
+            kept[k], inner = redact_options(v, f"{prefix}{k}.")
+            removed += inner
+        else:
+            kept[k] = v
+    return kept, removed
+
+
 def dumps_config(config: TrainConfig) -> str:
-    """TOML text holding every key of `config`, in declaration order."""
+    """TOML text holding every key of `config`, in declaration order (credentials left out)."""
     lines = [
         "# The configuration of a kd train run; `kd train --config run.toml` reproduces it.",
     ]
+    values = to_dict(config)
+    _, removed = redact_options(config.storage_options)
+    if removed:
+        lines.append(
+            f"# storage_options: {', '.join(removed)} left out; give them again on the command "
+            "line or through the environment (AWS_ACCESS_KEY_ID, ...)"
+        )
     for name in KEYS:
-        lines.append(f"{name} = {_toml(getattr(config, name))}")
+        lines.append(f"{name} = {_toml(values[name])}")
     return "\n".join(lines) + "\n"
 
 
@@ -407,4 +449,7 @@ def keys_help() -> str:
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Every key and value, as written to run.toml and checkpoints (credentials left out)."""
+    values = dataclasses.asdict(config)
+    values["storage_options"] = redact_options(config.storage_options)[0]
+    return values

@@ -10,6 +10,7 @@ that change.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,13 @@ def check_against_cache(
     151936) is fine, and the padding columns are kept out of the softmax; fewer is an error
     unless overridden. Raises ValueError naming both sides and the fix.
     """
-    if not ignore_tokenizer_mismatch:
+    if not (manifest.tokenizer or {}).get("vocab_fingerprint"):
+        warnings.warn(
+            f"the {where} records no tokenizer fingerprint, so the student's tokenizer cannot be "
+            "checked against the teacher's; token ids are assumed to mean the same tokens",
+            stacklevel=2,
+        )
+    elif not ignore_tokenizer_mismatch:
         try:
             check_tokenizer(manifest.tokenizer, student.tokenizer, what=where)
         except CacheError as exc:

@@ -13,7 +13,6 @@ number of ranks change nothing but speed. The counts are all-reduced before the 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -576,7 +575,7 @@ def prepare_output_dir(
 
 def check_resume_config(config: TrainConfig, saved: dict[str, Any], path: str) -> None:
     """A resumed run must compute what the interrupted one would have: same keys that matter."""
-    current = dataclasses.asdict(config)
+    current = to_dict(config)
     changed = [
         f"{key} ({saved[key]!r} -> {current[key]!r})"
         for key in current

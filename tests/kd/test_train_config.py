@@ -116,3 +116,22 @@ def test_cli_help_lists_every_key_and_unknown_keys_fail_before_anything(tmp_path
 def test_defaults_are_valid_once_required_keys_are_set():
     config = load_config(None, REQUIRED)
     assert config == TrainConfig(student="s", cache="c", output_dir="o")
+
+
+def test_credentials_never_reach_run_toml(tmp_path):
+    options = (
+        'storage_options={"key": "AKIAEXAMPLE", "secret": "s3cr3t", "anon": false, '
+        '"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", '
+        '"aws_session_token": "t0k3n"}}'
+    )
+    config = load_config(None, [*REQUIRED, options])
+    write_config(config, str(tmp_path / "run.toml"))
+    text = (tmp_path / "run.toml").read_text()
+    for secret in ("AKIAEXAMPLE", "s3cr3t", "t0k3n"):
+        assert secret not in text
+    assert "key, secret, client_kwargs.aws_session_token left out" in text
+    again = load_config(str(tmp_path / "run.toml"))
+    assert again.storage_options == {
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+    }

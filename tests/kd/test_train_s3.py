@@ -65,6 +65,11 @@ def test_training_from_s3_with_workers_matches_local_disk(kd_inputs, moto_s3, tm
         config_for(kd_inputs, tmp_path / "local", eval_data=str(kd_inputs.heldout_cache), **common),
         progress=False,
     )
+    # The credentials stay out of what the run writes.
+    written = (tmp_path / "s3" / "run.toml").read_text()
+    for state in (tmp_path / "s3" / "checkpoints").glob("*/trainer_state.json"):
+        written += state.read_text()
+    assert options["secret"] == "testing" and '"testing"' not in written
     remote, local = read_metrics(str(tmp_path / "s3")), read_metrics(str(tmp_path / "local"))
     assert len(remote) == len(local) == 6  # eval at 0, steps 1-4, eval at 4
     for a, b in zip(remote, local, strict=True):
