@@ -416,3 +416,24 @@ def test_epochs_set_the_number_of_steps(kd_inputs, tmp_path):
     )
     assert result.steps == 5  # ceil(1.5 * 6 / 2), the last step in the second epoch
     assert result.summary["records"] == 5 * 2 * 16
+
+
+def test_a_random_student_from_a_config_is_seeded(kd_inputs, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in kd_inputs.student.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, bare / f.name)
+    first = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        out = tmp_path / name
+        train(
+            config_for(
+                kd_inputs, out, student=str(bare), student_init="random", seed=seed, max_steps=1
+            ),
+            progress=False,
+        )
+        first[name] = train_losses(out)[1]["loss"]
+    assert first["a"] == first["b"] != first["c"]
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        train(config_for(kd_inputs, tmp_path / "d", student=str(bare)), progress=False)
