@@ -259,7 +259,7 @@ class ByteBitShuffle(Codec):
                 f"byte_bit_shuffle: {buf.size} bytes, expected "
                 f"{self.max_encoded_size(decoded_size)}"
             )
-        out = np.zeros(decoded_size, dtype=np.uint8)
+        out = np.empty(decoded_size, dtype=np.uint8)  # the kernel writes every byte
         if kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out) != 0:
             raise CodecError("byte_bit_shuffle: a padding bit is set")
         return out
