@@ -238,6 +238,11 @@ class ShardFile:
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self.size = size
         self._entry = entry
+        # Blocks whose checksum matched, so a chunk decoded again (evicted from a reader's
+        # LRU, or read by random access) is hashed once per process. The map is read-only
+        # and writers never modify a published shard in place (they write new files), so
+        # bytes verified once stay verified.
+        self._verified: set[tuple[int, str]] = set()
         self._read_header()
         self.footer_start, footer = self._read_footer()
         self._parse_footer(footer, entry)
@@ -432,9 +437,11 @@ class ShardFile:
 
     def _column(self, index: int, name: str) -> np.ndarray:
         offset, length, raw, _ = self.chunks[index]["blocks"][name]
-        problem = self.block_problem(index, name)
-        if problem:
-            raise CorruptCacheError(problem)
+        if (index, name) not in self._verified:
+            problem = self.block_problem(index, name)
+            if problem:
+                raise CorruptCacheError(problem)
+            self._verified.add((index, name))
         data = self.buf[offset : offset + length]
         try:
             buf = self.pipelines[name].decode_bytes(data, raw)
@@ -468,12 +475,13 @@ class ShardFile:
         if target_starts[-1] != n:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
         input_ids = self._column(index, COL_INPUT_IDS)
+        topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
         topk_ids = self._column(index, COL_TOPK_IDS).reshape(n, k)
         for name, ids in ((COL_INPUT_IDS, input_ids), (COL_TOPK_IDS, topk_ids)):
-            # An id outside the vocabulary would index out of bounds in any consumer.
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            # An id outside the vocabulary would index out of bounds in any consumer. As
+            # uint32 a negative id is above any vocabulary: one pass checks both ends.
+            if ids.size and ids.view(np.uint32).max() >= self.vocab_size:
                 self._fail(f"{name} holds ids outside [0, vocab_size={self.vocab_size})", index)
-        topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
         sample_ids = None
         if COL_SAMPLE_ID_LENGTHS in chunk["blocks"]:
             sample_ids = self._sample_ids(index, r)
