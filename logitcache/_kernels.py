@@ -93,19 +93,16 @@ def fp16_key_delta_encode(bits, row_length, out):  # pragma: no cover - compiled
 
 @njit(**_JIT)
 def fp16_key_delta_decode(deltas, row_length, out):  # pragma: no cover - compiled
-    # Two passes: the running key of each row (a serial chain of subtractions), then keys to
-    # bits without a branch (key ^ 0x8000 when the key's top bit is set, else key ^ 0xFFFF),
-    # which the compiler vectorises.
     n = deltas.shape[0]
     for start in range(0, n, row_length):
         key = np.uint16(deltas[start])
-        out[start] = key
-        for i in range(start + 1, min(start + row_length, n)):
-            key = np.uint16(key - deltas[i])
-            out[i] = key
-    for i in range(n):
-        key = out[i]
-        out[i] = key ^ np.uint16(0x8000 | (((key >> 15) ^ 1) * 0x7FFF))
+        for i in range(start, min(start + row_length, n)):
+            if i != start:
+                key = np.uint16((key - deltas[i]) & 0xFFFF)
+            if key & 0x8000:
+                out[i] = np.uint16(key & 0x7FFF)
+            else:
+                out[i] = np.uint16(~key & 0xFFFF)
 
 
 @njit(**_JIT)
@@ -309,48 +306,23 @@ def byte_bit_shuffle(src, elementsize, byte_planes, out):  # pragma: no cover - 
                     out[base + q * nb + (i >> 3)] |= np.uint8(0x80 >> (i & 7))
 
 
-def byte_bit_unshuffle(src, elementsize, byte_planes, out):
-    """Inverse of byte_bit_shuffle; writes every byte of `out`. Returns -1 if a padding bit
-    is set.
-
-    Token ids (4-byte elements, 2 byte planes) take a numpy path: the byte planes combine in
-    two vectorised passes, and only bit planes holding a set bit are expanded (bits above
-    log2(vocab) are zero in every id, so whole planes are). It measured faster than a
-    compiled loop, which cannot prove that `src` and `out` do not overlap.
-    """
-    if elementsize == 4 and byte_planes == 2:
-        return _unshuffle_ids(src, out)
-    return _byte_bit_unshuffle(src, elementsize, byte_planes, out)
-
-
-def _unshuffle_ids(src, out) -> int:
-    n = out.shape[0] // 4
-    nb = (n + 7) // 8
-    words = out[: n * 4].view(np.uint32)
-    np.left_shift(src[n : 2 * n], 8, out=words, dtype=np.uint32)
-    words |= src[:n]
-    planes = src[2 * n :].reshape(16, nb)
-    for q in np.flatnonzero(planes.any(axis=1)).tolist():
-        plane = planes[q]
-        if n % 8 and plane[-1] & ((1 << (8 - n % 8)) - 1):
-            return -1  # a padding bit: the unused low bits of the last byte must be zero
-        high = np.left_shift(np.unpackbits(plane, count=n), 31 - q, dtype=np.uint32)
-        words |= high
-    return 0
-
-
 @njit(**_JIT)
-def _byte_bit_unshuffle(src, elementsize, byte_planes, out):  # pragma: no cover - compiled
+def byte_bit_unshuffle(src, elementsize, byte_planes, out):  # pragma: no cover - compiled
+    """Inverse of byte_bit_shuffle into a zeroed `out`; returns -1 if a padding bit is set."""
     n = out.shape[0] // elementsize
     nb = (n + 7) // 8
     base = byte_planes * n
+    if elementsize == 4 and byte_planes == 2:
+        words = out[: n * 4].view(np.uint32)
+        for i in range(n):
+            words[i] = np.uint32(src[i]) | (np.uint32(src[n + i]) << 8)
+    else:
+        for b in range(byte_planes):
+            for i in range(n):
+                out[i * elementsize + b] = src[b * n + i]
+    # The bit planes are mostly zero bytes, skipped at once.
     high_bits = (elementsize - byte_planes) * 8
     top = elementsize * 8 - 1
-    out[:] = 0
-    for b in range(byte_planes):
-        for i in range(n):
-            out[i * elementsize + b] = src[b * n + i]
-    # The bit planes are mostly zero bytes, skipped at once.
     for q in range(high_bits):
         bit = top - q
         byte_index = bit // 8

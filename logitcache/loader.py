@@ -582,20 +582,12 @@ class LogitCacheLoader(DataLoader):
         else:
             base, rotation = [0] * len(spans), 0
         self._base, self._rotation, self._batches, self._epoch = base, rotation, 0, epoch
-        if self.num_workers > 0 and self._forks_workers():
-            dataset.cache.load_decoders()  # once here rather than in every worker, every epoch
         for batch in super().__iter__():
             self._batches += 1
             yield batch
         if dataset.epoch == epoch:
             dataset.set_epoch(epoch + 1)
         self._base, self._batches = None, 0
-
-    def _forks_workers(self) -> bool:
-        context = self.multiprocessing_context
-        if context is None:
-            return multiprocessing.get_start_method() == "fork"
-        return context.get_start_method() == "fork"
 
     def state_dict(self) -> dict[str, Any]:
         dataset: LogitCacheDataset = self.dataset

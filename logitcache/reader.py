@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import xxhash
 
-from .codecs import CodecError, Pipeline, default_pipeline_configs
-from .format import COLUMN_DTYPES, MANIFEST_NAME, CacheError, CorruptCacheError, Record
+from .format import MANIFEST_NAME, CacheError, CorruptCacheError, Record
 from .manifest import Manifest, read_manifest
 from .shard import DecodedChunk, ShardFile
 from .storage import open_store
@@ -167,25 +166,6 @@ class LogitCache:
         upcoming = self.manifest.shards[shard + 1 : shard + 1 + ahead]
         if upcoming:
             self.store.prefetch([(s.path, s.bytes, s.checksum) for s in upcoming])
-
-    def load_decoders(self) -> None:
-        """Load the compiled kernels of this cache's decode pipelines into this process now.
-
-        Kernels load on first use, once per process (a few tenths of a second). A process
-        that forks DataLoader workers calls this first, so that every worker inherits them
-        instead of loading them again at the start of each epoch.
-        """
-        configs = default_pipeline_configs(self.manifest.k)
-        for name, spec in self.manifest.columns.items():
-            if name in configs and isinstance(spec, dict):
-                configs[name] = spec.get("codecs")
-        for name, config in configs.items():
-            try:
-                pipeline = Pipeline.from_config(config)
-            except CodecError:
-                continue  # reading such a column fails later with the codec's message
-            sample = np.zeros(self.manifest.k * 8, dtype=COLUMN_DTYPES[name])
-            pipeline.decode_bytes(pipeline.encode(sample), sample.nbytes)
 
     # -- checking ------------------------------------------------------------------------
     def verify(self, raise_errors: bool = True, progress: bool = False) -> list[str]:

@@ -433,6 +433,7 @@ class ShardFile:
                 f"shard {self.name} chunk {index} column {name}: checksum mismatch "
                 f"(expected {checksum}, got {got}): {_FIX}"
             )
+        self._verified.add((index, name))
         return None
 
     def _column(self, index: int, name: str) -> np.ndarray:
@@ -441,7 +442,6 @@ class ShardFile:
             problem = self.block_problem(index, name)
             if problem:
                 raise CorruptCacheError(problem)
-            self._verified.add((index, name))
         data = self.buf[offset : offset + length]
         try:
             buf = self.pipelines[name].decode_bytes(data, raw)
