@@ -104,7 +104,7 @@ MAX_SHUFFLE_WINDOW = 1 << 16
 # Decoded bytes of the records of one shuffle window: its worst-case memory (every chunk of
 # the window partly handed out at once). The chunk shuffle already spreads records over their
 # shard; the window mixes the records of each chunk with those of its neighbours.
-DEFAULT_SHUFFLE_WINDOW_BYTES = 64 << 20
+DEFAULT_SHUFFLE_WINDOW_BYTES = 32 << 20
 
 
 class LogitCacheDataset(_CacheBacked, IterableDataset):

@@ -105,11 +105,11 @@ def test_chunks_in_progress_never_exceed_the_window(grouped, watched):
     assert len(watched["alive"]) == 0
 
 
-def test_default_window_is_64_mib_of_decoded_records(grouped):
+def test_default_window_is_32_mib_of_decoded_records(grouped):
     ds = LogitCacheDataset(grouped)
     m = ds.cache.manifest
     per_record = (m.tokens * 5 + m.targets * m.k * 6) / m.records
-    assert ds.shuffle_window == min(1 << 16, int((64 << 20) // per_record))
+    assert ds.shuffle_window == min(1 << 16, int((32 << 20) // per_record))
 
 
 def test_resume_mid_window_yields_the_rest_of_the_planned_order(grouped):
