@@ -73,7 +73,7 @@ def _exp_table() -> np.ndarray:
 
 # Decoded bytes after which a chunk is closed. A random read decodes a whole chunk, so small
 # chunks make single reads cheap: at 256 KiB a chunk holds one record of ~1,000 tokens (K=100)
-# or a few short ones; files are ~1.6% larger than with 2 MiB chunks (more zstd frames and
+# or a few short ones; files are ~1.7% larger than with 2 MiB chunks (more zstd frames and
 # footer entries). Measured by benchmarks/bench_loader.py.
 DEFAULT_CHUNK_BYTES = 256 << 10
 
