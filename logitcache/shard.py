@@ -229,6 +229,11 @@ class ChunkDirectory:
         self.counts = np.zeros((n, 3), dtype=np.int64)  # records, tokens, targets
         self.blocks = np.full((n, width, 3), -1, dtype=np.int64)  # offset, length, raw
         self.checksums = np.zeros((n, width), dtype=np.uint64)
+        # Blocks whose checksum matched, so a chunk decoded again (evicted from a reader's
+        # LRU, or read by random access) is hashed once per process. The map is read-only
+        # and writers never modify a published shard in place (they write new files), so
+        # bytes verified once stay verified.
+        self.verified = np.zeros((n, width), dtype=bool)
         for i, chunk in enumerate(chunks):
             self.counts[i] = (chunk["records"], chunk["tokens"], chunk["targets"])
             for name, (offset, length, raw, checksum) in chunk["blocks"].items():
@@ -286,11 +291,6 @@ class ShardFile:
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self.size = size
         self._entry = entry
-        # Blocks whose checksum matched, so a chunk decoded again (evicted from a reader's
-        # LRU, or read by random access) is hashed once per process. The map is read-only
-        # and writers never modify a published shard in place (they write new files), so
-        # bytes verified once stay verified.
-        self._verified: set[tuple[int, str]] = set()
         self._read_header()
         self.footer_start, footer = self._read_footer()
         self._parse_footer(footer, entry)
@@ -480,12 +480,12 @@ class ShardFile:
                 f"shard {self.name} chunk {index} column {name}: checksum mismatch "
                 f"(expected {checksum:016x}, got {got:016x}): {_FIX}"
             )
-        self._verified.add((index, name))
+        self.chunks.verified[index, _COLUMN_INDEX[name]] = True
         return None
 
     def _column(self, index: int, name: str) -> np.ndarray:
         offset, length, raw, _ = self.chunks.block(index, name)
-        if (index, name) not in self._verified:
+        if not self.chunks.verified[index, _COLUMN_INDEX[name]]:
             problem = self.block_problem(index, name)
             if problem:
                 raise CorruptCacheError(problem)
