@@ -27,7 +27,11 @@ import numpy as np
 import torch
 
 from logitcache.format import CacheError
-from logitcache.loader import LogitCacheDataset, LogitCacheLoader
+from logitcache.loader import (
+    DEFAULT_SHUFFLE_WINDOW_BYTES,
+    LogitCacheDataset,
+    LogitCacheLoader,
+)
 
 from . import checkpoint as ckpt
 from .batching import GroupCollator, MicroBatchStream, micro_batches_per_epoch
@@ -567,7 +571,7 @@ def open_source_dataset(stage: Stage, source: Source) -> LogitCacheDataset:
         k=config.k or None,
         shuffle=config.shuffle,
         seed=config.seed,
-        shuffle_window_bytes=(256 << 20) // len(stage.sources),
+        shuffle_window_bytes=DEFAULT_SHUFFLE_WINDOW_BYTES // len(stage.sources),
     )
     where = source_label(stage, source)
     try:
