@@ -16,6 +16,9 @@ import numpy as np
 from .data import Example
 
 POSITIONS = ("supervised", "all")
+# A batch stops growing before padding would exceed this share of its B x L tokens: a window
+# of few examples, or the tail of a length distribution, then makes several tighter batches.
+MAX_PADDING = 0.2
 
 
 @dataclass
@@ -66,8 +69,9 @@ def token_budget_batches(
     """Batches whose padded size B x L stays within `batch_tokens`.
 
     Examples are read `sort_window` at a time, sorted longest first (ties keep their input
-    order) and cut greedily; an example longer than the budget gets a batch of its own. Within
-    a window the longest batch comes first, so running out of memory shows at once.
+    order) and cut greedily: a batch ends before it would exceed the budget, `max_batch_size`
+    examples, or MAX_PADDING of padding. An example longer than the budget gets a batch of its
+    own. Within a window the longest batch comes first, so running out of memory shows at once.
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions {positions!r}: choose one of {POSITIONS}")
@@ -92,18 +96,20 @@ def _cut(
 ) -> Iterator[list[Example]]:
     order = sorted(range(len(window)), key=lambda i: (-len(window[i].input_ids), i))
     group: list[Example] = []
-    longest = 0
+    longest = real = 0
     for i in order:
         example = window[i]
         length = len(example.input_ids)
         if group:
+            padded = (len(group) + 1) * longest
             full = max_batch_size is not None and len(group) >= max_batch_size
-            if full or (len(group) + 1) * longest > batch_tokens:
+            if full or padded > batch_tokens or padded - real - length > MAX_PADDING * padded:
                 yield group
                 group = []
         if not group:
-            longest = length  # sorted longest first: the first example sets L
+            longest, real = length, 0  # sorted longest first: the first example sets L
         group.append(example)
+        real += length
     if group:
         yield group
 

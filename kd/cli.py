@@ -247,7 +247,7 @@ def add_cache(sub) -> None:
         "--row-chunk",
         type=positive_int,
         metavar="N",
-        help="output-layer rows per chunk (default: 1 GiB of fp32 logits on CUDA, 64 MiB on CPU)",
+        help="output-layer rows per chunk (default: 1 GiB of fp32 logits on CUDA, 256 MiB on CPU)",
     )
     run.add_argument(
         "--checkpoint-minutes",

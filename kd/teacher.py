@@ -67,7 +67,7 @@ class CacheOptions:
     batch_tokens: int | None = None  # padded tokens per batch (default 16384 CUDA, 4096 CPU)
     max_batch_size: int | None = None  # examples per batch at most
     sort_window: int = 2048  # examples sorted by length together
-    row_chunk: int | None = None  # lm_head rows per chunk (default: 1 GiB CUDA, 64 MiB CPU)
+    row_chunk: int | None = None  # lm_head rows per chunk (default: 1 GiB CUDA, 256 MiB CPU)
     resume: bool = False  # continue an interrupted run at `out` (starts fresh if there is none)
     overwrite: bool = False  # replace a committed cache at `out` (with resume: continue doing so)
     checkpoint_seconds: float = 600.0  # make the records so far durable this often

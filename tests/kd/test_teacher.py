@@ -16,7 +16,7 @@ import torch
 from kd.batching import MAX_PADDING, stored_positions, token_budget_batches
 from kd.data import Example, ExampleBuilder, count_rows, iter_examples, source_fingerprint
 from kd.models import LoadedModel, load_model
-from kd.scoring import HeadMismatchError, TopKScorer
+from kd.scoring import HeadMismatchError, TopKScorer, topk_logprobs_
 from kd.teacher import cache_teacher
 from logitcache import open_cache
 from logitcache.identity import tokenizer_identity
@@ -245,14 +245,37 @@ def test_final_logit_softcapping_is_applied_like_the_model_does(tmp_path):
         assert_rows_match_forward(model, record, np.flatnonzero(record.loss_mask), 8)
 
 
-def test_a_head_that_differs_from_the_forward_is_caught(tiny_teachers):
+@pytest.mark.parametrize("vocab", [49152, 50021, 300])
+def test_blockwise_top_k_is_exact(vocab):
+    """The two-step selection equals a plain top-K of the log-softmax, with a partial last
+    block (50021), rows of many equal values, and a vocabulary too small for blocks (300)."""
+    k = 50
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(24, vocab, generator=gen) * 4
+    logits[3] = 1.0  # all tied
+    logits[4, -7:] = 30.0  # the largest entries in the partial block
+    logits[5, ::97] = 25.0  # spread over many blocks
+    reference = torch.log_softmax(logits, dim=-1)
+    values, ids = topk_logprobs_(logits.clone(), k)
+    torch.testing.assert_close(values, reference.topk(k, dim=-1).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference.gather(1, ids), values, atol=1e-5, rtol=0)
+    assert (ids.sort(dim=-1).values.diff(dim=-1) > 0).all()  # k distinct ids per row
+
+
+def test_a_head_or_padding_that_differs_from_the_forward_is_caught(tiny_teachers):
     model = tiny_teachers["llama"].model
-    ids = np.arange(3, 40, dtype=np.int64)
+    ids = np.arange(3, 40, dtype=np.int64)  # no 0: the check pads with id 0
     scorer = TopKScorer(model, k=8)
     assert scorer.check_against_forward(ids) < 1e-3
     scorer.softcap = 1.0  # a transformation the model itself does not apply
-    with pytest.raises(HeadMismatchError, match="differs from the model's own forward"):
+    with pytest.raises(HeadMismatchError, match="output layer differs from the model"):
         scorer.check_against_forward(ids)
+    leaky = TopKScorer(model, k=8)
+    body = leaky.hidden_states
+    # States that depend on the padding of their row, as a non-causal model's would.
+    leaky.hidden_states = lambda batch: body(batch) + (batch == 0).sum(1)[:, None, None]
+    with pytest.raises(HeadMismatchError, match="padded batch differs from the model"):
+        leaky.check_against_forward(ids)
 
 
 def test_real_teacher_on_chat_rows(real_teacher, tmp_path):
