@@ -15,7 +15,7 @@ import torch
 
 from kd.batching import MAX_PADDING, stored_positions, token_budget_batches
 from kd.data import Example, ExampleBuilder, count_rows, iter_examples, source_fingerprint
-from kd.models import LoadedModel, load_model
+from kd.models import LoadedModel, hash_files, load_model, packaged_gguf
 from kd.scoring import HeadMismatchError, TopKScorer, topk_logprobs_
 from kd.teacher import cache_teacher
 from logitcache import open_cache
@@ -278,8 +278,10 @@ def test_a_head_or_padding_that_differs_from_the_forward_is_caught(tiny_teachers
         leaky.check_against_forward(ids)
 
 
-def test_real_teacher_on_chat_rows(real_teacher, tmp_path):
-    """SmolLM2-135M-Instruct on a few conversations: targets are the assistant turns."""
+def test_real_teacher_from_its_gguf_on_chat_rows(real_teacher, tmp_path):
+    """SmolLM2-135M-Instruct, loaded from the GGUF file with the tokenizer it holds, on a few
+    conversations: targets are exactly the assistant turns, rows equal the forward pass of the
+    same weights (exported once as safetensors by the session fixture)."""
     tokenizer = real_teacher.tokenizer
     rows = [
         {"id": "add", "messages": CHAT[1:3]},
@@ -294,9 +296,16 @@ def test_real_teacher_on_chat_rows(real_teacher, tmp_path):
     ]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     out = tmp_path / "cache"
-    summary = cache_teacher(real_teacher, data, str(out), k=K, threads=1, progress=False)
+    summary = cache_teacher(packaged_gguf(), data, str(out), k=K, threads=1, progress=False)
     cache = open_cache(str(out))
     assert summary.records == len(cache) == 3
+    teacher = cache.manifest.teacher
+    assert teacher["source"] == packaged_gguf() and teacher["architecture"] == "LlamaForCausalLM"
+    assert teacher["weights_hash"] == hash_files([packaged_gguf()])
+    assert (
+        cache.manifest.tokenizer["vocab_fingerprint"]
+        == (tokenizer_identity(tokenizer)["vocab_fingerprint"])
+    )
     for record in cache.iter_records():
         mask = record.loss_mask
         spans = np.split(
