@@ -298,7 +298,7 @@ class _TeacherPass:
         self.metadata = {
             "kd_cache": {
                 "data": {
-                    "url": self.data,
+                    "url": self.data if "://" in self.data else os.path.abspath(self.data),
                     "fingerprint": source_fingerprint(self.data, opts.data_storage_options),
                 },
                 "options": {
@@ -399,24 +399,28 @@ class _TeacherPass:
         )
 
     def _progress_bar(self, initial: int):
+        """A bar of examples on rank 0. Its total (the rows of this rank's share) is counted on
+        a thread, so a run over a large remote data set starts at once and gains its ETA when
+        the count arrives."""
         from tqdm.auto import tqdm
 
         enabled = self.opts.progress and self.ranks.rank == 0
-        total = None
-        if enabled:
-            rows = count_rows(self.data, self.opts.data_storage_options)
-            if self.opts.limit is not None:
-                rows = min(rows, self.opts.limit)
-            total = len(range(self.ranks.rank, rows, self.ranks.world_size))
         desc = "kd cache" + (f" rank 0/{self.ranks.world_size}" if self.ranks.distributed else "")
-        return tqdm(
-            total=total,
-            initial=min(initial, total or initial),
-            unit="ex",
-            desc=desc,
-            disable=not enabled,
-            dynamic_ncols=True,
-        )
+        bar = tqdm(initial=initial, unit="ex", desc=desc, disable=not enabled, dynamic_ncols=True)
+        if enabled:
+
+            def count() -> None:
+                try:
+                    rows = count_rows(self.data, self.opts.data_storage_options)
+                except (OSError, ValueError):
+                    return  # the loader reports a data problem itself
+                if self.opts.limit is not None:
+                    rows = min(rows, self.opts.limit)
+                bar.total = len(range(self.ranks.rank, rows, self.ranks.world_size))
+                bar.refresh()
+
+            threading.Thread(target=count, name="kd-cache-count", daemon=True).start()
+        return bar
 
     # -- endings -------------------------------------------------------------------------
     def _finished(self) -> str | None:
