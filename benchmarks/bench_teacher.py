@@ -115,9 +115,9 @@ def data_sets(workdir: Path, tokens: int, tokenizer) -> dict[str, str]:
 def measure(teacher, name: str, data: str, args, workdir: Path) -> dict:
     import torch
 
-    from kd.batching import token_budget_batches
     from kd.data import DataStats, ExampleBuilder, iter_examples
     from kd.teacher import DEFAULT_BATCH_TOKENS, cache_teacher
+    from kd.teacher_batching import token_budget_batches
 
     device = next(teacher.model.parameters()).device
     batch_tokens = args.batch_tokens or DEFAULT_BATCH_TOKENS[device.type]

@@ -1,134 +1,147 @@
-"""Token-budget batches of examples, sorted by length within a bounded window.
+"""The stream of micro-batches a training run consumes: length-grouped, resumable exactly.
 
-A teacher pass pays for padding, so examples of similar length share a batch; sorting only
-within a window of `sort_window` examples keeps memory bounded on any amount of data. The
-order is a pure function of the input order and the options, which is what lets a resumed run
-skip exactly the batches an interrupted one committed.
+The loader hands out groups of `group_batches * batch_size` records (built in its workers);
+each group is sorted by length and cut into micro-batches, so a micro-batch holds records of
+similar length and little padding, and the order of a group's micro-batches is then shuffled
+from (seed, epoch, group) so lengths do not cycle through the loss curve. A checkpoint stores
+the loader's state before the current group plus how many of its micro-batches were taken;
+resuming reads that group again and skips them, which reproduces the uninterrupted stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .data import Example
+from logitcache.format import Record
+from logitcache.loader import LogitCacheDataset, LogitCacheLoader
 
-POSITIONS = ("supervised", "all")
-# A batch stops growing before padding would exceed this share of its B x L tokens: a window
-# of few examples, or the tail of a length distribution, then makes several tighter batches.
-MAX_PADDING = 0.2
+from .packing import collate_micro_batch
 
 
-@dataclass
-class Batch:
-    """Examples padded on the right into one [B, L] array, with the rows the teacher scores.
+class GroupCollator:
+    """Records of one loader batch -> micro-batches sorted by length (runs in the workers)."""
 
-    `rows[j]` is the flat index `b * L + p - 1` into [B, L] of the hidden state that predicts
-    stored token p of example b: the stored tokens of example 0 first, each in position order,
-    then those of example 1, and so on; `row_counts[b]` is how many belong to example b.
-    """
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        positions: str,
+        group_by_length: bool,
+        teacher: bool,
+        packing: bool,
+        pack_length: int,
+        pad_token_id: int,
+    ):
+        self.batch_size = batch_size
+        self.options = dict(
+            positions=positions,
+            teacher=teacher,
+            packing=packing,
+            pack_length=pack_length,
+            pad_token_id=pad_token_id,
+        )
+        self.group_by_length = group_by_length
 
-    index: int  # position in the run's order of batches
-    examples: list[Example]
-    input_ids: np.ndarray  # int64 [B, L]
-    lengths: np.ndarray  # int64 [B]
-    rows: np.ndarray  # int64 [N]
-    row_counts: list[int]
-
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.size)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    @property
-    def targets(self) -> int:
-        return int(self.rows.size)
-
-
-def stored_positions(example: Example, positions: str) -> np.ndarray:
-    """Positions p whose distribution (predicted from tokens < p) is stored for `example`."""
-    if positions == "all":
-        return np.arange(1, len(example.input_ids), dtype=np.int64)
-    return np.flatnonzero(example.loss_mask).astype(np.int64)
-
-
-def token_budget_batches(
-    examples: Iterable[Example],
-    *,
-    batch_tokens: int,
-    positions: str = "supervised",
-    max_batch_size: int | None = None,
-    sort_window: int = 2048,
-    pad_id: int = 0,
-) -> Iterator[Batch]:
-    """Batches whose padded size B x L stays within `batch_tokens`.
-
-    Examples are read `sort_window` at a time, sorted longest first (ties keep their input
-    order) and cut greedily: a batch ends before it would exceed the budget, `max_batch_size`
-    examples, or MAX_PADDING of padding. An example longer than the budget gets a batch of its
-    own. Within a window the longest batch comes first, so running out of memory shows at once.
-    """
-    if positions not in POSITIONS:
-        raise ValueError(f"positions {positions!r}: choose one of {POSITIONS}")
-    if batch_tokens < 1 or sort_window < 1 or (max_batch_size is not None and max_batch_size < 1):
-        raise ValueError("batch_tokens, sort_window and max_batch_size must be at least 1")
-    index = 0
-    window: list[Example] = []
-    for example in examples:
-        window.append(example)
-        if len(window) >= sort_window:
-            for batch_examples in _cut(window, batch_tokens, max_batch_size):
-                yield _pad(index, batch_examples, positions, pad_id)
-                index += 1
-            window = []
-    for batch_examples in _cut(window, batch_tokens, max_batch_size):
-        yield _pad(index, batch_examples, positions, pad_id)
-        index += 1
+    def __call__(self, records: Sequence[Record]) -> list[dict]:
+        order = list(range(len(records)))
+        if self.group_by_length:
+            order.sort(key=lambda i: (-records[i].num_tokens, i))
+        micro = []
+        for start in range(0, len(order), self.batch_size):
+            chosen = [records[i] for i in order[start : start + self.batch_size]]
+            batch = collate_micro_batch(chosen, **self.options)
+            batch["num_tokens"] = sum(r.num_tokens for r in chosen)
+            batch["sample_ids"] = [r.sample_id for r in chosen]
+            micro.append(batch)
+        return micro
 
 
-def _cut(
-    window: list[Example], batch_tokens: int, max_batch_size: int | None
-) -> Iterator[list[Example]]:
-    order = sorted(range(len(window)), key=lambda i: (-len(window[i].input_ids), i))
-    group: list[Example] = []
-    longest = real = 0
-    for i in order:
-        example = window[i]
-        length = len(example.input_ids)
-        if group:
-            padded = (len(group) + 1) * longest
-            full = max_batch_size is not None and len(group) >= max_batch_size
-            if full or padded > batch_tokens or padded - real - length > MAX_PADDING * padded:
-                yield group
-                group = []
-        if not group:
-            longest, real = length, 0  # sorted longest first: the first example sets L
-        group.append(example)
-        real += length
-    if group:
-        yield group
+def micro_batches_per_epoch(
+    dataset: LogitCacheDataset, num_workers: int, batch_size: int, group_records: int
+) -> int:
+    """Micro-batches this rank takes in one epoch (each worker groups its own records)."""
+    total = 0
+    for lo, hi in dataset.worker_spans(num_workers):
+        full, rest = divmod(hi - lo, group_records)
+        total += full * math.ceil(group_records / batch_size) + math.ceil(rest / batch_size)
+    return total
 
 
-def _pad(index: int, examples: list[Example], positions: str, pad_id: int) -> Batch:
-    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-    width = int(lengths.max())
-    input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
-    rows, counts = [], []
-    for b, example in enumerate(examples):
-        input_ids[b, : lengths[b]] = example.input_ids
-        stored = stored_positions(example, positions)
-        rows.append(b * width + stored - 1)
-        counts.append(int(stored.size))
-    return Batch(
-        index=index,
-        examples=examples,
-        input_ids=input_ids,
-        lengths=lengths,
-        rows=np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
-        row_counts=counts,
-    )
+class MicroBatchStream:
+    """Endless micro-batches over epochs of a LogitCacheLoader whose batches are groups."""
+
+    def __init__(self, loader: LogitCacheLoader, *, seed: int, shuffle_groups: bool):
+        self.loader = loader
+        self.seed = seed
+        self.shuffle_groups = shuffle_groups
+        self._iter = None
+        self._pending: list[dict] = []
+        self._taken = 0  # micro-batches handed out from the current group
+        self._before: dict[str, Any] | None = None  # loader state before the current group
+        self._group = 0  # index of the current group within its epoch
+        self._skip = 0  # micro-batches to skip in the next group (after a resume)
+        self._resumed: dict[str, Any] | None = None  # loader state to resume from, until used
+        self.epoch = loader.dataset.epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        empty_passes = 0
+        while self._taken >= len(self._pending):
+            if not self._next_group():
+                empty_passes += 1
+                if empty_passes > 1:
+                    raise ValueError(
+                        f"{self.loader.dataset.url}: a whole epoch gave this rank no records"
+                    )
+        batch = self._pending[self._taken]
+        self._taken += 1
+        return batch
+
+    def _next_group(self) -> bool:
+        """Fetch the next group; False when the epoch ended instead."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+            if self._before is None or self._before["epoch"] != self.loader.dataset.epoch:
+                self._group = -1
+        # Before its first batch a resumed loader reports the start of the epoch, not the
+        # resume point: the state loaded is the one to record.
+        before = self._resumed if self._resumed is not None else self.loader.state_dict()
+        try:
+            group = next(self._iter)
+        except StopIteration:
+            self._iter, self._resumed = None, None
+            self._pending, self._taken = [], 0
+            return False
+        self._before, self._resumed = before, None
+        self.epoch = int(before["epoch"])
+        self._group += 1
+        if self.shuffle_groups:
+            rng = np.random.default_rng([self.seed, self.epoch, self._group])
+            group = [group[i] for i in rng.permutation(len(group))]
+        self._pending, self._taken = group, self._skip
+        self._skip = 0
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: JSON-able integers and the loader's state."""
+        if self._resumed is not None:  # resumed, nothing taken since
+            return {"loader": self._resumed, "group": self._group + 1, "taken": self._skip}
+        if self._before is None or self._taken >= len(self._pending):
+            # Between groups: the loader's own state is the whole story.
+            return {"loader": self.loader.state_dict(), "group": self._group + 1, "taken": 0}
+        return {"loader": self._before, "group": self._group, "taken": self._taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._iter, self._pending = None, []
+        self._taken = 0
+        self._before = self._resumed = state["loader"]
+        self._group = int(state["group"]) - 1
+        self._skip = int(state["taken"])
+        self.epoch = int(state["loader"]["epoch"])

@@ -2,8 +2,11 @@
 
 Each rank scores a disjoint share of the rows and writes its own shards; a gloo group (which
 works with and without GPUs) only carries the end of the run: the data statistics, a barrier,
-then rank 0 merges the partial manifests. `run_per_device` starts the same ranks from a single
-command on one machine, one process per listed device.
+then rank 0 merges the partial manifests. Training (kd.distributed) joins NCCL for gradients;
+the teacher pass needs no collective on the device, and its one barrier must wait out the
+ranks' different finishing times, hence a group of its own with a long timeout.
+`run_per_device` starts the same ranks from a single command on one machine, one process per
+listed device.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """`kd cache`: run a teacher once over SFT data and store its top-K in a logit cache.
 
 Three stages run at once, joined by bounded queues: a loader thread turns rows into examples
-and token-budget batches (kd.batching); the calling thread runs the teacher (kd.scoring); a
-writer thread hands each batch's records to the CacheWriter, which encodes chunks on threads of
-its own, so the device never waits on compression. The writer checkpoints every few minutes,
-and a killed run resumes after the last checkpointed batch: the batch order is a function of
-the data and the options, which the checkpoint's identity pins. Under torchrun, or with
-several devices, every rank does this for its share of the rows (kd.ranks).
+and token-budget batches (kd.teacher_batching); the calling thread runs the teacher
+(kd.scoring); a writer thread hands each batch's records to the CacheWriter, which encodes
+chunks on threads of its own, so the device never waits on compression. The writer
+checkpoints every few minutes, and a killed run resumes after the last checkpointed batch: the
+batch order is a function of the data and the options, which the checkpoint's identity pins.
+Under torchrun, or with several devices, every rank does this for its share of the rows
+(kd.ranks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 from logitcache import CacheError, CacheWriter
 from logitcache.identity import tokenizer_identity
 
-from .batching import POSITIONS, Batch, token_budget_batches
 from .data import (
     OVERFLOW_POLICIES,
     ROW_FORMATS,
@@ -35,6 +35,7 @@ from .data import (
 )
 from .models import LoadedModel, embedding_rows, load_model
 from .ranks import Group, Ranks, from_env, run_per_device
+from .teacher_batching import POSITIONS, Batch, token_budget_batches
 
 # Padded tokens per batch when --batch-tokens is not given.
 DEFAULT_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from kd.batching import MAX_PADDING, stored_positions, token_budget_batches
 from kd.data import Example, ExampleBuilder, count_rows, iter_examples, source_fingerprint
 from kd.models import LoadedModel, hash_files, load_model, packaged_gguf
 from kd.scoring import HeadMismatchError, TopKScorer, topk_logprobs_
 from kd.teacher import cache_teacher
+from kd.teacher_batching import MAX_PADDING, stored_positions, token_budget_batches
 from logitcache import open_cache
 from logitcache.identity import tokenizer_identity
 
