@@ -23,7 +23,9 @@ def test_a_completion_that_never_ends_times_out():
 def test_the_sandbox_has_no_environment_and_an_empty_directory():
     problem = {
         "prompt": "import os\n",
-        "test": "def check(f):\n    assert os.listdir('.') == []\n    assert 'HOME' not in os.environ\n",
+        "test": (
+            "def check(f):\n    assert os.listdir('.') == []\n    assert 'HOME' not in os.environ\n"
+        ),
         "entry_point": "print",
     }
     assert run_tests(problem, "") == "passed"
