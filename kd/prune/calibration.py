@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +25,6 @@ class Calibration:
     source: str
     kind: str  # "data" or "cache"
     stats: DataStats | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -37,17 +36,20 @@ class Calibration:
             "kind": self.kind,
             "samples": len(self.examples),
             "tokens": self.tokens,
+            "rows": self.stats.summary() if self.stats is not None else None,
         }
 
 
 def is_cache(url: str, storage_options: dict | None = None) -> bool:
     """True when `url` is a committed logit cache (it holds a manifest.json)."""
+    if any(ch in url for ch in "*?["):
+        return False  # a glob names data files
     if "://" not in url or url.startswith("file://"):
         return os.path.isfile(os.path.join(url.removeprefix("file://"), "manifest.json"))
     import fsspec
 
-    fs, _, (path,) = fsspec.get_fs_token_paths(url, storage_options=storage_options or {})
-    return fs.exists(path.rstrip("/") + "/manifest.json")
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs.isfile(path.rstrip("/") + "/manifest.json")
 
 
 def load_calibration(

@@ -158,6 +158,8 @@ def prune_model(
     report = build_report(
         loaded, plan, importance, method, selection, calibration, timings, params, params_scope
     )
+    if selection == "random":
+        report["seed"] = seed
     written = None
     if out is not None:
         text = json.dumps(report, indent=1) + "\n"

@@ -88,7 +88,8 @@ class Shape:
 
     def describe(self) -> str:
         return (
-            f"{self.num_layers} layers, hidden {self.hidden_size}, MLP {self.intermediate_size}, "
+            f"{self.num_layers} layer{'s' if self.num_layers != 1 else ''}, hidden "
+            f"{self.hidden_size}, MLP {self.intermediate_size}, "
             f"{self.num_heads} heads / {self.num_kv_heads} kv heads of {self.head_dim}"
         )
 
@@ -333,11 +334,12 @@ def _budget(config, params, scope: str) -> int:
 
 
 def _step(size: int, multiple_of: int = 1) -> int:
-    """The step a width takes under a parameter budget: a multiple of 64 (so matrix kernels stay
-    efficient) and of `multiple_of`, or of 8 where 64 would leave fewer than 8 sizes to choose."""
-    for align in (64, 8):
+    """The step a width takes under a parameter budget: a multiple of `multiple_of` and of 64
+    (so matrix kernels stay efficient), or of 8, or of nothing more, whichever first leaves at
+    least 16 sizes to choose from below `size` (coarse steps land far from the budget)."""
+    for align in (64, 8, 1):
         step = math.lcm(align, multiple_of)
-        if size // step >= 8:
+        if size // step >= 16:
             return step
     return step
 
@@ -355,11 +357,12 @@ def shape_for_params(config, budget: int, *, method: str, scope: str = "total") 
     - depth: the most layers whose model fits the budget; widths unchanged.
     - width: layers and attention heads kept; the hidden size is the largest multiple of
       `hidden_step` whose model fits with the MLP scaled by the same factor (rounded to its
-      step), then the MLP grows back step by step while it still fits. Steps are multiples of
-      64, or of 8 where 64 leaves fewer than 8 sizes; a Llama hidden size is also a multiple
-      of the head count (its config requires it). Where the config derives head_dim from the
-      hidden size (Qwen2) the hidden size moves in steps of head_dim and query heads follow
-      it (hidden / head_dim), with as many kv heads kept as divide them.
+      step), then the MLP grows back step by step while it still fits. A step is a multiple
+      of 64 (efficient matrix kernels), else of 8, else of 1, whichever first leaves at least
+      16 sizes below the teacher's; a Llama hidden size is also a multiple of the head count
+      (its config requires it). Where the config derives head_dim from the hidden size (Qwen2)
+      the hidden size moves in steps of head_dim and query heads follow it (hidden /
+      head_dim), with as many kv heads kept as divide them.
     - both: the number of layers scales by the square root of the budget's fraction of the
       teacher, then the width rule fills the budget at that depth.
     """

@@ -106,8 +106,11 @@ def slice_model(model, plan: PrunePlan):
             cache[key] = _index(plan, position, kind, head_dim)
         return cache[key]
 
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     state = {}
     for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # the input embedding, sliced once
         match = _LAYER.match(name)
         if match:
             old, suffix = int(match.group(1)), match.group(2)
@@ -133,9 +136,6 @@ def slice_model(model, plan: PrunePlan):
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
-        state.pop("lm_head.weight", None)
     pruned.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         pruned.tie_weights()

@@ -142,7 +142,8 @@ def test_mistral_prunes_to_any_hidden_size(tiny_mistral_dir, calib, tmp_path, ti
 
 def test_tied_embeddings_stay_tied(tiny_tied_llama_dir, calib, tmp_path, tiny_tokenizer):
     out = tmp_path / "student"
-    prune_model(str(tiny_tied_llama_dir), calib, str(out), params="60%", progress=False)
+    result = prune_model(str(tiny_tied_llama_dir), calib, str(out), params="60%", progress=False)
+    assert result.model.lm_head.weight is result.model.model.embed_tokens.weight
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -287,7 +288,7 @@ def test_calibration_from_a_logit_cache(tiny_llama_dir, calib, tiny_tokenizer, t
         url, k=k, vocab_size=len(tiny_tokenizer), tokenizer=tokenizer_identity(tiny_tokenizer)
     ) as writer:
         for example in calib:
-            ids = torch.tensor([example.input_ids], dtype=torch.long)
+            ids = torch.from_numpy(example.input_ids).long()[None]
             with torch.inference_mode():
                 logprobs = loaded.model(ids).logits[0].log_softmax(-1)
             targets = np.flatnonzero(example.loss_mask)
