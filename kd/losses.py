@@ -4,19 +4,25 @@ teacher logprobs: a fused path from hidden states in token chunks, and a plain r
 Definitions, per target row with student logits z over the vocabulary V, teacher ids i_1..i_K and
 teacher logprobs l_1..l_K (full-vocabulary log-softmax at temperature 1), temperature tau:
 
-- ``renorm`` (NeMo-Aligner ``fwd_kl``): p = softmax_K(l / tau), q = softmax_K(z[i] / tau);
-  KD = sum_k p_k (log p_k - log q_k).
+- ``renorm`` (NeMo-Aligner ``fwd_kl``, and the top-K logit loss of NVIDIA ModelOpt):
+  p = softmax_K(l / tau), q = softmax_K(z[i] / tau); KD = sum_k p_k (log p_k - log q_k).
 - ``teacher_renorm`` (axolotl, DistillKit "zero"): p as above,
   log q_k = log_softmax_V(z / tau)[i_k].
-- ``tail`` (Megatron-LM / ModelOpt "ghost token"): p_k = exp(l_k), q_k = softmax_V(z)[i_k], plus
-  one bucket for the mass outside the K ids on both sides: p_t = max(0, 1 - sum p), q_t = 1 - sum q
-  (computed as a logsumexp over the other V - K columns, so it stays exact when q_t is tiny).
+- ``tail`` (Megatron-LM's offline top-K KD, its "ghost token"): p_k = exp(l_k),
+  q_k = softmax_V(z)[i_k], plus one bucket for the mass outside the K ids on both sides:
+  p_t = max(0, 1 - sum p), q_t = 1 - sum q. Here q_t is computed as a logsumexp over the other
+  V - K columns, so it stays exact however small it is; Megatron-LM computes 1 - sum q and floors
+  it at 1e-8, which differs from this loss when the student's outside mass is below 1e-8.
   Defined at tau = 1 only. When K == V there is no outside bucket and it is dropped.
 - ``reverse``: sum_k q_k (log q_k - log p_k) with p, q as in ``renorm``.
 
 With ``scale_by_t2`` the KD term is multiplied by tau**2 (Hinton et al.). The SFT cross-entropy is
-at tau = 1 over the full vocabulary. Averaging: ``kd`` is the mean over rows that have teacher data
-(M_kd rows), ``ce`` the mean over rows whose target is not ``IGNORE_INDEX`` (M_ce rows), and
+at tau = 1 over the full vocabulary, whatever tau the KD term uses; NeMo-Aligner's SFT term at
+tau != 1 is instead the cross-entropy of z / tau, so at tau != 1 the two totals differ in their SFT
+part. ``kd_weight``, ``sft_weight`` and ``temperature`` must be finite (a ValueError otherwise).
+
+Averaging: ``kd`` is the mean over rows that have teacher data (M_kd rows), ``ce`` the mean
+over rows whose target is not ``IGNORE_INDEX`` (M_ce rows), and
 ``total = kd_weight * kd + sft_weight * ce``; an empty set gives 0 for its part, never NaN.
 ``reduction="sum"`` returns sums instead, for callers that normalise by a global token count.
 
@@ -199,6 +205,10 @@ def _make_spec(
     temperature = float(temperature)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"{where}: temperature must be a positive number, got {temperature}")
+    for name, value in (("kd_weight", kd_weight), ("sft_weight", sft_weight)):
+        if not math.isfinite(float(value)):
+            # A NaN or infinite weight would turn every gradient into NaN without an error.
+            raise ValueError(f"{where}: {name} must be a finite number, got {value}")
     if mode == "tail" and temperature != 1.0:
         raise ValueError(
             f"{where}: mode 'tail' is defined at temperature 1 only (the teacher's outside "

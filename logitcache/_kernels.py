@@ -140,7 +140,8 @@ def varint_encode(values, out):  # pragma: no cover - compiled
 @njit(**_JIT)
 def varint_decode(src, out):  # pragma: no cover - compiled
     """Decode all of `src` into `out`; returns the number of values, or -1 when the input is
-    malformed, ends inside a value, or holds more values than `out` has room for.
+    malformed (longer than 5 bytes, above 2^32 - 1, or not minimal: a last byte of 0 after
+    others), ends inside a value, or holds more values than `out` has room for.
 
     The reads are checked here because the length of each value is data-dependent.
     """
@@ -159,6 +160,8 @@ def varint_decode(src, out):  # pragma: no cover - compiled
             pos += 1
             v |= np.uint64(b & 0x7F) << np.uint64(shift)
             if b < 0x80:
+                if b == 0 and shift > 0:
+                    return -1  # non-minimal: a value has exactly one encoding
                 break
             shift += 7
         if v > 0xFFFFFFFF:

@@ -19,6 +19,7 @@ EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_MAX_SIZE = 1 << 40
 
 
 def _size(text: str) -> int:
@@ -28,10 +29,12 @@ def _size(text: str) -> int:
     number = t[: len(t) - len(unit)] if unit else t
     try:
         value = int(float(number) * _SIZE_UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf / nan
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size (e.g. 2097152, 2M, 256MiB)"
         ) from None
+    if value > _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than the 1 TiB this option allows")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
     return value
@@ -113,7 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="candidates shown per token with --record (default 5)",
     )
     p.add_argument(
-        "--tokenizer", metavar="DIR", help="local tokenizer directory to decode tokens as text"
+        "--tokenizer",
+        metavar="DIR",
+        help="local tokenizer directory to decode tokens as text; refused when its vocabulary "
+        "fingerprint differs from the one the cache records",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="decode with --tokenizer even when its fingerprint differs from the cache's "
+        "(the text shown is then not what the teacher saw)",
     )
     p.add_argument("--json", action="store_true", help="print JSON for machines instead of text")
     p.add_argument(
@@ -192,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions mode of an import (default supervised)",
     )
     p.add_argument(
+        "--layout",
+        choices=["token", "next-token"],
+        help="axolotl row layout: 'token' (default): row p is the distribution of token p, "
+        "rows right-aligned (axolotl's dataset transform); 'next-token': row t is the "
+        "distribution of token t+1 (axolotl's online-teacher collator). Every NeMo and axolotl "
+        "import checks the alignment from the data and refuses one that fits a neighbour "
+        "clearly better",
+    )
+    p.add_argument(
         "--codecs",
         type=_json_object,
         metavar="JSON",
@@ -225,9 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="join the partial manifests of distributed writers into one manifest",
         description="Join the partial manifests (_partial/rank-*.json) that writers with a rank "
-        "left in URL into URL/manifest.json, which commits the cache.",
+        "left in URL into URL/manifest.json, which commits the cache. Refused unless every rank "
+        "0..N-1 of the recorded world size is there exactly once with every shard it lists.",
     )
     p.add_argument("url", help="cache directory or URL")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="commit the ranks that are there even when some are missing (their records are "
+        "then absent from the cache)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=_positive_int,
+        metavar="N",
+        help="number of ranks, for partials written without one (format 1.0 writers)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every shard's whole-file checksum (reads every shard)",
+    )
     p.add_argument("--json", action="store_true", help="print the merged manifest's totals as JSON")
     _add_store_options(p)
     return parser
@@ -254,6 +293,13 @@ def cmd_inspect(args) -> int:
     progress = False if args.no_progress else None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     with _open(args) as cache:
+        if tokenizer is not None and not args.force:
+            from .identity import check_tokenizer
+
+            try:
+                check_tokenizer(cache.manifest.tokenizer, tokenizer)
+            except CacheError as e:
+                raise CacheError(f"{e}; pass --force to decode with it anyway") from None
         if args.record is not None:
             view = record_view(cache, args.record, top=args.top, tokenizer=tokenizer)
             print(json.dumps(view, indent=1) if args.json else format_record_view(view))
@@ -312,6 +358,7 @@ def cmd_convert(args) -> int:
         dst_storage_options=args.dst_storage_options,
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        layout=args.layout,
     )
     print(
         f"wrote {result.records:,} records ({result.src_format} -> {result.dst_format}, "
@@ -328,7 +375,13 @@ def cmd_convert(args) -> int:
 def cmd_merge(args) -> int:
     from .manifest import merge_partials
 
-    manifest = merge_partials(args.url, storage_options=args.storage_options)
+    manifest = merge_partials(
+        args.url,
+        storage_options=args.storage_options,
+        allow_incomplete=args.allow_incomplete,
+        world_size=args.world_size,
+        verify=args.verify,
+    )
     totals = {
         "url": args.url,
         "shards": len(manifest.shards),

@@ -135,6 +135,14 @@ class Zstd(Codec):
         if size < 0:
             raise CodecError("zstd: frame does not declare its content size")
         self._check_size(size, decoded_size, exact)
+        frame = zstd_frame_length(buf)
+        if frame != len(buf):
+            raise CodecError(
+                f"zstd: the block holds {len(buf)} bytes but its frame ends at byte {frame}; "
+                "a block is exactly one frame"
+                if frame >= 0
+                else "zstd: the frame is cut short"
+            )
         dctx = self._local.__dict__.get("decompressor")
         if dctx is None:
             dctx = self._local.decompressor = zstandard.ZstdDecompressor()
@@ -148,6 +156,24 @@ class Zstd(Codec):
 
     def max_encoded_size(self, decoded_size: int) -> int:
         return decoded_size + decoded_size // 128 + 1024
+
+
+def zstd_frame_length(buf) -> int:
+    """Bytes taken by the Zstandard frame at the start of `buf` (RFC 8878, section 3.1.1),
+    found by walking its block headers; -1 when the frame runs past the end of `buf`."""
+    data = memoryview(buf).cast("B")
+    pos = zstandard.frame_header_size(data)
+    descriptor = data[4]
+    while True:
+        if pos + 3 > len(data):
+            return -1
+        header = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+        block_type, block_size = (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if block_type == 1 else block_size)  # an RLE block stores one byte
+        if header & 1:  # the last block
+            break
+    pos += 4 if descriptor & 0x04 else 0  # the optional content checksum
+    return pos if pos <= len(data) else -1
 
 
 class Shuffle(Codec):

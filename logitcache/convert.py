@@ -9,6 +9,8 @@ memory stays bounded whatever the size.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 from .format import POSITIONS_MODES, POSITIONS_SUPERVISED, Record
 from .identity import tokenizer_identity as tokenizer_identity_of
 from .interop import (
+    FORMAT_AXOLOTL,
     FORMAT_CACHE,
     FORMAT_NEMO,
     FORMAT_PARQUET,
@@ -25,8 +28,12 @@ from .interop import (
     detect_format,
     source_files,
 )
+from .interop.alignment import checked_alignment
 
 DEST_FORMATS = (FORMAT_CACHE, FORMAT_PARQUET)
+_RECORD_PREFIX = re.compile(r"^record \d+: ")
+# The file a Parquet export writes when its destination is a directory.
+PARQUET_PART_NAME = "part-00000.parquet"
 
 
 @dataclass
@@ -112,26 +119,54 @@ def open_source(
     k: int | None = None,
     storage_options: dict | None = None,
     skipped: list | None = None,
+    layout: str | None = None,
 ) -> Source:
-    """Open any supported source as a stream of records with the cache identity it implies."""
-    fmt = src_format or detect_format(src)
+    """Open any supported source as a stream of records with the cache identity it implies.
+
+    NeMo-Aligner and axolotl records pass through an alignment check (see interop.alignment).
+    """
+    fmt = src_format or detect_format(src, storage_options)
     if fmt not in SOURCE_FORMATS:
         raise ValueError(f"--from {fmt!r}: choose one of {SOURCE_FORMATS}")
     if positions is not None and positions not in POSITIONS_MODES:
         raise ValueError(f"--positions {positions!r}: choose one of {POSITIONS_MODES}")
     if fmt == FORMAT_CACHE:
         return _open_cache_source(src, positions=positions, storage_options=storage_options)
+    if layout is not None and fmt != FORMAT_AXOLOTL:
+        raise ValueError(f"--layout applies to axolotl data; {src} is {fmt} data")
     if fmt == FORMAT_PARQUET:
-        return _open_parquet_source(src, vocab_size=vocab_size, positions=positions)
+        return _open_parquet_source(
+            src, vocab_size=vocab_size, positions=positions, storage_options=storage_options
+        )
     mode = positions or POSITIONS_SUPERVISED
     if fmt == FORMAT_NEMO:
         from .interop.nemo import iter_nemo_records
 
-        stream = iter_nemo_records(src, positions=mode, skipped=skipped)
+        stream = iter_nemo_records(
+            src, positions=mode, skipped=skipped, storage_options=storage_options
+        )
+        claimed = "NeMo-Aligner's layout (row t is the distribution of token t + 1)"
+        hints = {}
     else:
-        from .interop.axolotl import iter_axolotl_records
+        from .interop.axolotl import LAYOUT_NEXT_TOKEN, LAYOUT_TOKEN, iter_axolotl_records
 
-        stream = iter_axolotl_records(src, k=k, positions=mode, skipped=skipped)
+        layout = layout or LAYOUT_TOKEN
+        stream = iter_axolotl_records(
+            src,
+            k=k,
+            positions=mode,
+            skipped=skipped,
+            layout=layout,
+            storage_options=storage_options,
+        )
+        claimed = f"--layout {layout}"
+        # Which layout a better-fitting neighbour means.
+        hints = (
+            {+1: f"--layout {LAYOUT_NEXT_TOKEN}"}
+            if layout == LAYOUT_TOKEN
+            else {-1: f"--layout {LAYOUT_TOKEN}"}
+        )
+    stream = checked_alignment(stream, source=src, claimed=claimed, positions=mode, hints=hints)
     first, stream = _peek(stream)
     if first is None:
         raise ValueError(f"{src}: no example with a supervised token; nothing to import")
@@ -174,20 +209,21 @@ def _open_cache_source(src: str, *, positions: str | None, storage_options: dict
     )
 
 
-def _open_parquet_source(src: str, *, vocab_size: int | None, positions: str | None) -> Source:
-    import pyarrow.parquet as pq
-
+def _open_parquet_source(
+    src: str, *, vocab_size: int | None, positions: str | None, storage_options: dict | None
+) -> Source:
+    from .interop import parquet_file
     from .interop.parquet import iter_parquet_records, read_export_header
 
-    files = source_files(src)
-    header = read_export_header(files[0]) or {}
+    files = source_files(src, storage_options)
+    header = read_export_header(files[0], storage_options) or {}
     file_positions = header.get("positions")
     if positions is not None and file_positions is not None and positions != file_positions:
         raise ValueError(
             f"--positions {positions}: {files[0]} was exported with positions {file_positions!r}"
         )
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    stream = iter_parquet_records(src, k=header.get("k"))
+    total = sum(parquet_file(f, storage_options).metadata.num_rows for f in files)
+    stream = iter_parquet_records(src, k=header.get("k"), storage_options=storage_options)
     k = header.get("k")
     if k is None:
         first, stream = _peek(stream)
@@ -226,6 +262,7 @@ def convert(
     dst_storage_options: dict | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    layout: str | None = None,
 ) -> ConvertResult:
     """Convert `src` into `dst` (a cache URL or a .parquet file); see the module docstring.
 
@@ -253,6 +290,7 @@ def convert(
         k=k,
         storage_options=storage_options,
         skipped=skipped,
+        layout=layout,
     )
     try:
         if source.vocab_size is None:
@@ -284,7 +322,7 @@ def convert(
             "metadata": metadata,
         }
         if dst_format == FORMAT_PARQUET:
-            count = _write_parquet(
+            count, dst = _write_parquet(
                 bar, dst, identity, logprob_dtype, dst_storage_options or storage_options, overwrite
             )
         else:
@@ -365,21 +403,38 @@ def _write_cache(
             try:
                 writer.add(**kwargs)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                # The writer counts records itself ("record 3: ..."); the source's location
+                # is the one a user can look up.
+                raise ValueError(f"{where}: {_RECORD_PREFIX.sub('', str(e))}") from None
             count += 1
     return count
 
 
 def _write_parquet(
     records, dst: str, identity: dict, logprob_dtype: str, storage_options, overwrite: bool
-) -> int:
+) -> tuple[int, str]:
+    """Export to the Parquet file `dst` (or a file inside the directory `dst`); returns the
+    record count and the file written."""
     import fsspec
 
     from .interop.parquet import export_header, write_parquet
 
     fs, _, (path,) = fsspec.get_fs_token_paths(dst, storage_options=storage_options or {})
-    if fs.exists(path) and not overwrite:
-        raise ValueError(f"{dst}: already exists; pass --overwrite to replace it")
+    if dst.endswith("/") or fs.isdir(path):
+        # A directory destination gets one file inside it, which an import of the directory
+        # reads back; the directory itself is never replaced.
+        path = f"{path.rstrip('/')}/{PARQUET_PART_NAME}"
+        dst = f"{dst.rstrip('/')}/{PARQUET_PART_NAME}"
+    if fs.exists(path):
+        if not overwrite:
+            raise ValueError(f"{dst}: already exists; pass --overwrite to replace it")
+        if fs.info(path).get("type") != "file" or (
+            _is_local_fs(fs) and not stat.S_ISREG(os.lstat(path).st_mode)
+        ):
+            raise ValueError(
+                f"{dst}: exists and is not a regular file; logitcache writes only regular "
+                "files: choose another destination"
+            )
     header = export_header(
         k=identity["k"],
         vocab_size=identity["vocab_size"],
@@ -403,6 +458,12 @@ def _write_parquet(
                 )
             yield Record(**kwargs)
 
-    return write_parquet(
+    count = write_parquet(
         checked(), dst, header=header, logprob_dtype=logprob_dtype, storage_options=storage_options
     )
+    return count, dst
+
+
+def _is_local_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")

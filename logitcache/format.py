@@ -12,7 +12,7 @@ import numpy as np
 
 FORMAT_NAME = "logitcache"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 MANIFEST_NAME = "manifest.json"

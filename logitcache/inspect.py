@@ -266,6 +266,13 @@ def format_report(report: dict[str, Any], *, max_shards: int = 20) -> str:
             q = stats[key]
             cells = "".join(f"{q[n]:>9.4f}" if q[n] is not None else f"{'-':>9}" for n in names)
             lines.append(f"  {label:<22}{cells}")
+        tail_min = stats["tail_mass"]["min"]
+        if tail_min is not None and tail_min < 0:
+            lines.append(
+                f"  (a negative tail mass, down to {tail_min:.4f}, is fp16 rounding: each stored "
+                "logprob is within half an fp16 step of the teacher's, so a row's probabilities "
+                "can add up to slightly more than 1; the writer allows up to 1.05)"
+            )
     return "\n".join(lines)
 
 

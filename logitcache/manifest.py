@@ -6,7 +6,6 @@ must stay inside the cache, and totals must add up, before anything is opened or
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -30,9 +29,12 @@ from .format import (
     IncompatibleVersionError,
     NoCacheError,
 )
-from .storage import check_relative_path, open_store
+from .layout import PARTIAL_RE, PROGRESS_RE, partial_manifest_name  # noqa: F401
+from .sealed_json import check_seal, seal, strict_loads
+from .storage import check_relative_path
 
 _CHECKSUM_RE = re.compile(r"^xxh3_64:[0-9a-f]{16}$")
+_HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
 _MAX_COUNT = 1 << 53  # integers JSON readers keep exactly
 
 
@@ -45,6 +47,15 @@ class ShardEntry:
     bytes: int
     checksum: str
     chunk_records: list[int]
+    # XXH3-64 of the shard's footer, as its trailer records it (format 1.1): binds this entry
+    # to one exact file, checked on every open at the cost of reading 24 bytes.
+    footer_checksum: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        if self.footer_checksum is None:
+            del obj["footer_checksum"]
+        return obj
 
 
 @dataclass
@@ -60,6 +71,9 @@ class Manifest:
     format_version: str = FORMAT_VERSION
     created_by: str = ""
     created_at: str = ""
+    # Partial manifests of distributed writers: which rank wrote it, out of how many.
+    rank: int | None = None
+    world_size: int | None = None
 
     @property
     def records(self) -> int:
@@ -78,7 +92,7 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "k": self.k,
@@ -93,24 +107,26 @@ class Manifest:
             "tokens": self.tokens,
             "targets": self.targets,
             "bytes": self.bytes,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [s.to_json() for s in self.shards],
             "created_by": self.created_by,
             "created_at": self.created_at,
         }
+        if self.rank is not None:
+            obj["rank"] = self.rank
+            obj["world_size"] = self.world_size
+        return obj
 
     def dumps(self) -> bytes:
-        return (json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n").encode()
+        """The manifest file: JSON sealed by its own checksum (spec section 3.1)."""
+        return seal(self.to_json())
 
     @classmethod
     def loads(cls, data: bytes, *, source: str = MANIFEST_NAME) -> Manifest:
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCacheError(
-                f"{source}: not valid UTF-8 JSON ({exc}); the manifest is corrupt: "
-                "re-download it or re-run the job that wrote the cache"
-            ) from None
-        return cls.from_json(obj, source=source)
+        obj = strict_loads(data, source=source)
+        manifest = cls.from_json(obj, source=source)
+        minor = int(manifest.format_version.split(".")[1])
+        check_seal(data, obj, source=source, required=minor >= 1)
+        return manifest
 
     @classmethod
     def from_json(cls, obj: Any, *, source: str = MANIFEST_NAME) -> Manifest:
@@ -125,6 +141,11 @@ class Manifest:
                 f"{source}: format version {version} has major {match.group(1)}, this reader "
                 f"reads major {FORMAT_MAJOR}; use a logitcache release that supports it"
             )
+        check.that(
+            obj.get("checksum_algorithm") == CHECKSUM_ALGORITHM,
+            f"'checksum_algorithm' {obj.get('checksum_algorithm')!r} must be "
+            f"{CHECKSUM_ALGORITHM!r}, the only one this format defines",
+        )
         k = check.int_field(obj, "k", 1, MAX_K)
         vocab = check.int_field(obj, "vocab_size", 1, MAX_VOCAB_SIZE)
         check.that(k <= vocab, f"'k' {k} exceeds 'vocab_size' {vocab}")
@@ -143,6 +164,10 @@ class Manifest:
                 obj.get(key) is None or isinstance(obj.get(key), dict),
                 f"'{key}' must be an object or null",
             )
+        rank = world_size = None
+        if "rank" in obj or "world_size" in obj:
+            world_size = check.int_field(obj, "world_size", 1, _MAX_COUNT)
+            rank = check.int_field(obj, "rank", 0, world_size - 1)
         columns = obj.get("columns") or {}
         metadata = obj.get("metadata") or {}
         check.that(isinstance(columns, dict), "'columns' must be an object")
@@ -159,6 +184,8 @@ class Manifest:
             format_version=version,
             created_by=str(obj.get("created_by", "")),
             created_at=str(obj.get("created_at", "")),
+            rank=rank,
+            world_size=world_size,
         )
 
 
@@ -209,7 +236,18 @@ class _Checker:
             and sum(chunks) == ints["records"],
             f"{where}'chunk_records' must be positive integers summing to 'records'",
         )
-        return ShardEntry(path=path, checksum=checksum, chunk_records=list(chunks), **ints)
+        footer = obj.get("footer_checksum")
+        self.that(
+            footer is None or (isinstance(footer, str) and _HEX16_RE.match(footer) is not None),
+            f"{where}'footer_checksum' {footer!r} must be 16 lowercase hex digits",
+        )
+        return ShardEntry(
+            path=path,
+            checksum=checksum,
+            chunk_records=list(chunks),
+            footer_checksum=footer,
+            **ints,
+        )
 
 
 def now_iso() -> str:
@@ -222,53 +260,34 @@ def read_manifest(store, *, name: str = MANIFEST_NAME) -> Manifest:
         data = store.read_bytes(name, max_bytes=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise NoCacheError(
-            f"no committed cache at {store.url}: {name} is missing (a writer that did not "
-            "finish leaves none); check the URL or re-run the job that writes the cache"
+            f"no committed cache at {store.url}: {name} is missing{_why_missing(store)}"
         ) from None
     return Manifest.loads(data, source=f"{store.url}/{name}")
 
 
-def partial_manifest_name(rank: int) -> str:
-    return f"{PARTIAL_DIR}/rank-{rank:05d}.json"
-
-
-def merge_partials(url: str, storage_options: dict | None = None) -> Manifest:
-    """Join the partial manifests of distributed writers into one committed manifest.json.
-
-    Ranks must agree on k, vocab size, positions mode, teacher and tokenizer; shards are
-    ordered by rank, so the record order is rank 0's records, then rank 1's, and so on.
-    """
-    store = open_store(url, storage_options)
-    names = [n for n in store.list(PARTIAL_DIR) if n.endswith(".json")]
-    if not names:
-        raise NoCacheError(
-            f"{store.url}: no partial manifests under {PARTIAL_DIR}/; run the writers with "
-            "rank=... first (each finished rank writes one)"
+def _why_missing(store) -> str:
+    """What the root holds instead of a manifest, and what to do about it."""
+    names = store.list(PARTIAL_DIR)
+    partials = [n for n in names if PARTIAL_RE.match(n)]
+    progress = [n for n in names if PROGRESS_RE.match(n)]
+    if partials:
+        return (
+            f"; {len(partials)} partial manifest(s) of distributed writers are there: once every "
+            f"rank has finished, run `logitcache merge {store.url}` to commit the cache"
         )
-    parts = [
-        Manifest.loads(store.read_bytes(n, max_bytes=MAX_MANIFEST_BYTES), source=n)
-        for n in sorted(names)
-    ]
-    first = parts[0]
-    for name, part in zip(sorted(names), parts, strict=True):
-        for key in ("k", "vocab_size", "positions", "teacher", "tokenizer"):
-            if getattr(part, key) != getattr(first, key):
-                raise CacheError(
-                    f"{store.url}/{name}: {key} {getattr(part, key)!r} differs from "
-                    f"{sorted(names)[0]} ({getattr(first, key)!r}); these ranks did not write "
-                    "the same cache: re-run them with one configuration"
-                )
-    merged = Manifest(
-        k=first.k,
-        vocab_size=first.vocab_size,
-        positions=first.positions,
-        shards=[s for part in parts for s in part.shards],
-        columns=first.columns,
-        teacher=first.teacher,
-        tokenizer=first.tokenizer,
-        metadata={**first.metadata, "ranks": len(parts)},
-        created_by=first.created_by,
-        created_at=now_iso(),
+    if progress:
+        return (
+            f"; an interrupted writer left its checkpoint ({progress[0]}): resume it "
+            "(CacheWriter(..., resume=True), or re-run `kd cache`) to finish the cache"
+        )
+    return (
+        " (a writer that did not finish leaves none); check the URL or re-run the job that "
+        "writes the cache"
     )
-    store.write_bytes(MANIFEST_NAME, merged.dumps())
-    return merged
+
+
+def merge_partials(url: str, storage_options: dict | None = None, **kwargs) -> Manifest:
+    """Join the partial manifests of distributed writers; see logitcache.merge."""
+    from .merge import merge_partials as merge
+
+    return merge(url, storage_options, **kwargs)

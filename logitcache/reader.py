@@ -72,12 +72,15 @@ class LogitCache:
     def locate(self, index: int) -> tuple[int, int, int]:
         """(shard index, chunk index, index within the chunk) of global record `index`."""
         n = len(self)
-        if not isinstance(index, (int, np.integer)):
+        if not isinstance(index, (int, np.integer)) or isinstance(index, (bool, np.bool_)):
             raise TypeError(f"record index must be an integer, got {type(index).__name__}")
+        if not -n <= index < n:
+            raise IndexError(
+                f"record {index} is out of range for a cache of {n} records "
+                f"(valid: 0..{n - 1}, or -{n}..-1 from the end)"
+            )
         if index < 0:
             index += n
-        if not 0 <= index < n:
-            raise IndexError(f"record {index} is out of range for a cache of {n} records")
         shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
         local = index - int(self.shard_starts[shard])
         starts = self._chunk_starts[shard]

@@ -6,8 +6,11 @@ time budget; 403 and 404 fail at once with an error that names the URL.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +19,9 @@ from typing import TypeVar
 from .format import CacheError, CorruptCacheError
 
 T = TypeVar("T")
+# Retries are reported as warnings: without a handler configured, Python prints them to stderr,
+# so a user waiting on an unreachable endpoint sees what is being waited for.
+log = logging.getLogger("logitcache")
 
 
 class RemoteNotFoundError(CacheError, FileNotFoundError):
@@ -42,6 +48,9 @@ class RetryPolicy:
     base_delay_s: float = 0.25
     max_delay_s: float = 8.0
     budget_s: float = 120.0
+    # A request still running after this long is reported (and again every 3x as long), so
+    # a stalled endpoint is never waited on in silence.
+    report_after_s: float = 10.0
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0.0, min(self.max_delay_s, self.base_delay_s * (2**attempt)))
@@ -133,7 +142,8 @@ def call_with_retry(fn: Callable[[], T], *, url: str, what: str, policy: RetryPo
     attempt = 0
     while True:
         try:
-            return fn()
+            with _report_if_slow(url, what, policy.report_after_s):
+                return fn()
         except Exception as exc:
             if isinstance(exc, FileNotFoundError) and not isinstance(exc, CacheError):
                 raise RemoteNotFoundError(f"{url}: not found while trying to {what}") from exc
@@ -154,4 +164,48 @@ def call_with_retry(fn: Callable[[], T], *, url: str, what: str, policy: RetryPo
                     f"{url}: could not {what} after {attempt} attempts in {elapsed:.1f}s; "
                     f"last error: {exc}"
                 ) from exc
-            time.sleep(min(policy.delay(attempt), max(0.0, policy.budget_s - elapsed)))
+            delay = min(policy.delay(attempt), max(0.0, policy.budget_s - elapsed))
+            log.warning(
+                "logitcache: %s: could not %s (%s); retrying in %.1f s (attempt %d of %d, "
+                "%.0f s of a %.0f s budget used)",
+                url,
+                what,
+                _short(exc),
+                delay,
+                attempt + 1,
+                policy.attempts,
+                elapsed,
+                policy.budget_s,
+            )
+            time.sleep(delay)
+
+
+@contextlib.contextmanager
+def _report_if_slow(url: str, what: str, after_s: float):
+    """Log a warning while the block runs longer than `after_s` seconds."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def watch() -> None:
+        wait = after_s
+        while not done.wait(wait):
+            log.warning(
+                "logitcache: still waiting to %s %s (%.0f s so far); check that the endpoint "
+                "in storage_options is reachable",
+                what,
+                url,
+                time.monotonic() - start,
+            )
+            wait *= 3
+
+    watcher = threading.Thread(target=watch, name="logitcache-slow-request", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

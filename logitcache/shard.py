@@ -10,6 +10,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from .format import (
     CorruptCacheError,
     IncompatibleVersionError,
 )
+from .sealed_json import strict_loads
 
 _HEADER = struct.Struct("<8sHHI")
 _TRAILER = struct.Struct("<QQ8s")
@@ -90,8 +92,18 @@ def encode_chunk(
 class ShardBuilder:
     """Writes one shard file sequentially; the whole-file checksum is computed on the way."""
 
-    def __init__(self, path: str, *, k: int, vocab_size: int, positions: str, pipelines):
+    def __init__(
+        self,
+        path: str,
+        *,
+        k: int,
+        vocab_size: int,
+        positions: str,
+        pipelines,
+        shard_path: str,
+    ):
         self.path = path
+        self.shard_path = shard_path  # its path inside the cache, recorded in the footer
         self.k, self.vocab_size, self.positions = k, vocab_size, positions
         self.pipelines = pipelines
         self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
@@ -110,7 +122,11 @@ class ShardBuilder:
         return [c["records"] for c in self._chunks]
 
     def _write(self, data) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            # write() alone says "No space left on device"; say where.
+            raise type(exc)(exc.errno, exc.strerror or str(exc), self.path) from None
         self._hash.update(data)
         self._offset += len(data)
 
@@ -139,11 +155,13 @@ class ShardBuilder:
         self.tokens += chunk.tokens
         self.targets += chunk.targets
 
-    def finish(self) -> tuple[int, str]:
-        """Write footer and trailer, flush to disk; returns (file size, whole-file checksum)."""
+    def finish(self) -> tuple[int, str, str]:
+        """Write footer and trailer, flush to disk; returns (file size, whole-file checksum,
+        footer checksum as 16 hex digits)."""
         used = {name for c in self._chunks for name in c["blocks"]}
         footer = {
             "format_version": FORMAT_VERSION,
+            "path": self.shard_path,
             "k": self.k,
             "vocab_size": self.vocab_size,
             "positions": self.positions,
@@ -165,11 +183,15 @@ class ShardBuilder:
             self._write(b"\0" * pad)
         data = json.dumps(footer, separators=(",", ":")).encode()
         self._write(data)
-        self._write(_TRAILER.pack(len(data), xxhash.xxh3_64_intdigest(data), SHARD_MAGIC))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        footer_digest = xxhash.xxh3_64_intdigest(data)
+        self._write(_TRAILER.pack(len(data), footer_digest, SHARD_MAGIC))
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise type(exc)(exc.errno, exc.strerror or str(exc), self.path) from None
         self._file.close()
-        return self._offset, f"xxh3_64:{self._hash.hexdigest()}"
+        return self._offset, f"xxh3_64:{self._hash.hexdigest()}", f"{footer_digest:016x}"
 
     def abort(self) -> None:
         self._file.close()
@@ -215,6 +237,7 @@ class ShardFile:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self.size = size
+        self._entry = entry
         self._read_header()
         self.footer_start, footer = self._read_footer()
         self._parse_footer(footer, entry)
@@ -238,6 +261,7 @@ class ShardFile:
                 f"shard {self.name}: format major version {major}, this reader reads "
                 f"{FORMAT_MAJOR}; use a logitcache release that supports it"
             )
+        self.header_minor = minor  # must equal the footer's (spec section 4)
 
     def _read_footer(self) -> tuple[int, dict]:
         length, digest, magic = _TRAILER.unpack_from(self._mmap, self.size - TRAILER_SIZE)
@@ -249,23 +273,45 @@ class ShardFile:
         data = self._mmap[start : start + length]
         if xxhash.xxh3_64_intdigest(data) != digest:
             self._fail("footer checksum mismatch")
+        recorded = getattr(self._entry, "footer_checksum", None)
+        if recorded is not None and recorded != f"{digest:016x}":
+            self._fail(
+                f"footer checksum {digest:016x} differs from {recorded} in the manifest: this "
+                "is not the file the manifest lists (renamed, swapped or copied from another "
+                "cache)"
+            )
         try:
-            footer = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._fail(f"footer is not valid JSON ({exc})")
+            footer = strict_loads(bytes(data), source=f"shard {self.name} footer", what="it")
+        except CorruptCacheError as exc:
+            self._fail(str(exc).split(": ", 1)[1].split(";")[0])
         if not isinstance(footer, dict):
             self._fail("footer is not a JSON object")
         return start, footer
 
     def _parse_footer(self, footer: dict, entry) -> None:
         version = footer.get("format_version")
-        if not isinstance(version, str) or not version.split(".")[0].isdigit():
+        match = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+        if match is None:
             self._fail(f"footer format_version {version!r} is not MAJOR.MINOR")
-        if version.split(".")[0] != str(FORMAT_MAJOR):
+        if int(match.group(1)) != FORMAT_MAJOR:
             raise IncompatibleVersionError(
                 f"shard {self.name}: footer format version {version}, this reader reads "
                 f"{FORMAT_MAJOR}.x; use a logitcache release that supports it"
             )
+        minor = int(match.group(2))
+        if minor != self.header_minor:
+            self._fail(f"header minor version {self.header_minor} != footer's {version}")
+        if minor >= 1:
+            # Bound to its place: a shard moved, swapped or copied in from elsewhere is caught.
+            path = footer.get("path")
+            if not isinstance(path, str):
+                self._fail("footer 'path' is missing (format 1.1 footers name their shard)")
+            if entry is not None and path != entry.path:
+                self._fail(
+                    f"footer says this file is {path!r}, the manifest lists it as "
+                    f"{entry.path!r}: shard files were renamed, swapped or copied from another "
+                    "cache"
+                )
         for key, want in (
             ("k", self.k),
             ("vocab_size", self.vocab_size),
@@ -423,6 +469,10 @@ class ShardFile:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
         input_ids = self._column(index, COL_INPUT_IDS)
         topk_ids = self._column(index, COL_TOPK_IDS).reshape(n, k)
+        for name, ids in ((COL_INPUT_IDS, input_ids), (COL_TOPK_IDS, topk_ids)):
+            # An id outside the vocabulary would index out of bounds in any consumer.
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                self._fail(f"{name} holds ids outside [0, vocab_size={self.vocab_size})", index)
         topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
         sample_ids = None
         if COL_SAMPLE_ID_LENGTHS in chunk["blocks"]:

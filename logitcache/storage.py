@@ -12,6 +12,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -54,6 +55,13 @@ def _is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def _with_path(exc: OSError, path: str) -> OSError:
+    """The same OS error naming `path` (a failed write() says "No space left on device" alone)."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, f"{exc.strerror or exc}", path)
+
+
 class LocalStore:
     """A cache in a local directory: files are read in place (memory-mapped)."""
 
@@ -63,12 +71,35 @@ class LocalStore:
         root = url[len("file://") :] if url.startswith("file://") else url
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise CacheError(
+                f"{self.root} is a file, not a cache directory; a cache is a directory holding "
+                "manifest.json and shards/ (to read a Parquet or JSON lines file, import it "
+                "with `logitcache convert FILE CACHE_DIR`)"
+            )
 
     def _path(self, rel: str) -> str:
         return os.path.join(self.root, *check_relative_path(rel).split("/"))
 
     def exists(self, rel: str) -> bool:
         return os.path.exists(self._path(rel))
+
+    def check_writable(self, rel: str) -> None:
+        """Refuse to replace `rel` unless it is absent or a regular file: a writer never
+        writes into a device, a pipe or a directory that happens to carry a cache's name."""
+        path = self._path(rel)
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise CacheError(
+                    f"{path} exists and is not a regular file; logitcache writes only regular "
+                    "files: move it away or choose another destination"
+                )
+        parent = os.path.dirname(path)
+        while parent != self.root and len(parent) > len(self.root):
+            if os.path.exists(parent) and not os.path.isdir(parent):
+                raise CacheError(f"{parent} exists and is not a directory; move it away")
+            parent = os.path.dirname(parent)
 
     def read_bytes(self, rel: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(rel)
@@ -82,30 +113,42 @@ class LocalStore:
         return os.path.getsize(self._path(rel))
 
     def list(self, rel_dir: str) -> list[str]:
-        path = self._path(rel_dir)
+        """Paths of the entries of `rel_dir` ("" for the root), relative to the root."""
+        path = self._path(rel_dir) if rel_dir else self.root
         if not os.path.isdir(path):
             return []
-        return sorted(f"{rel_dir}/{name}" for name in os.listdir(path))
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        return sorted(f"{prefix}{name}" for name in os.listdir(path))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: a reader sees the old file, the new file, or none, never half."""
         path = self._path(rel)
+        self.check_writable(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise _with_path(exc, path) from None
+        _fsync_dir(os.path.dirname(path))
 
     def new_local_file(self, rel: str) -> str:
         """A local path to build the file destined for `rel`; publish it with put_file."""
         path = self._path(rel)
+        self.check_writable(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return f"{path}.tmp-{uuid.uuid4().hex}"
 
     def put_file(self, local_path: str, rel: str) -> None:
+        self.check_writable(rel)
         os.replace(local_path, self._path(rel))
+        _fsync_dir(os.path.dirname(self._path(rel)))
 
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -122,6 +165,16 @@ class LocalStore:
         pass
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable, so a power cut cannot undo a commit."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 _CHECKSUM_RE = re.compile(rf"^{CHECKSUM_ALGORITHM}:([0-9a-f]{{16}})$")
 
 
@@ -132,6 +185,13 @@ def file_checksum(path: str, *, block: int = 8 << 20) -> str:
         while data := f.read(block):
             h.update(data)
     return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+def store_checksum(store, rel: str) -> str:
+    """The whole-file checksum of `rel` in any store (a remote one reads the whole object)."""
+    if store.is_local:
+        return file_checksum(store._path(rel))
+    return f"{CHECKSUM_ALGORITHM}:{xxhash.xxh3_64_hexdigest(store.read_bytes(rel))}"
 
 
 def _checksum_hex(checksum: str, rel: str) -> str:
@@ -244,7 +304,9 @@ class RemoteStore:
             if self._pid != os.getpid():
                 self._init_process_state()
             try:
-                fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+                fs, root = fsspec.core.url_to_fs(
+                    self.url, **_with_default_timeouts(self.url, self.storage_options)
+                )
             except (ImportError, ValueError) as exc:
                 raise CacheError(f"{self.url}: cannot open this URL with fsspec: {exc}") from exc
             self._root = root.rstrip("/")
@@ -254,6 +316,10 @@ class RemoteStore:
     def _remote(self, rel: str) -> str:
         self.fs  # noqa: B018 -- resolves self._root in this process
         return f"{self._root}/{check_relative_path(rel)}"
+
+    def _remote_root(self) -> str:
+        self.fs  # noqa: B018 -- resolves self._root in this process
+        return self._root
 
     def _url(self, rel: str) -> str:
         return f"{self.url}/{rel}"
@@ -292,7 +358,9 @@ class RemoteStore:
         return self._retry(rel, "read it", lambda: bytes(self.fs.cat_file(path)))
 
     def list(self, rel_dir: str) -> list[str]:
-        path = self._remote(rel_dir)
+        """Paths of the entries of `rel_dir` ("" for the root), relative to the root."""
+        path = self._remote(rel_dir) if rel_dir else self._remote_root()
+        prefix = f"{rel_dir}/" if rel_dir else ""
 
         def run() -> list[str]:
             self.fs.invalidate_cache(path)
@@ -301,14 +369,18 @@ class RemoteStore:
             except FileNotFoundError:
                 return []
             return sorted(
-                f"{rel_dir}/{posixpath.basename(n.rstrip('/'))}"
+                f"{prefix}{posixpath.basename(n.rstrip('/'))}"
                 for n in names
                 if n.rstrip("/") != path.rstrip("/")
             )
 
-        return self._retry(rel_dir, "list it", run)
+        return self._retry(rel_dir or ".", "list it", run)
 
     # -- writing: whole objects, uploaded once they are complete -----------------------------
+
+    def check_writable(self, rel: str) -> None:
+        """Objects are always plain files; nothing to refuse."""
+        check_relative_path(rel)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Upload `data` as one object; object stores make a single PUT atomic."""
@@ -508,6 +580,19 @@ class RemoteStore:
             prefetcher.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# botocore waits 60 s for a connection by default, several times over, before anything is
+# reported; an endpoint that cannot be reached should say so sooner.
+S3_CONNECT_TIMEOUT_S = 10
+
+
+def _with_default_timeouts(url: str, options: dict) -> dict:
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    return {**options, "config_kwargs": config}
 
 
 def _remove_quietly(path: str) -> bool:

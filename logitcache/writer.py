@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,18 +27,21 @@ from .format import (
     COLUMN_DTYPES,
     MANIFEST_NAME,
     MAX_K,
+    MAX_MANIFEST_BYTES,
     MAX_ROW_MASS,
     MAX_SAMPLE_ID_BYTES,
     MAX_VOCAB_SIZE,
+    PARTIAL_DIR,
     POSITIONS_ALL,
     POSITIONS_MODES,
     SHARD_DIR,
-    SHARD_SUFFIX,
     CacheError,
 )
-from .manifest import Manifest, ShardEntry, now_iso, partial_manifest_name
+from .layout import WriterSlot, new_generation
+from .manifest import Manifest, ShardEntry, now_iso
+from .progress import Progress, as_json, identity_mismatch, read_progress
 from .shard import COLUMN_ORDER, EncodedChunk, ShardBuilder, encode_chunk
-from .storage import open_store
+from .storage import open_store, store_checksum
 
 _FP16_MIN = float(np.finfo(np.float16).min)
 _EXP_TABLE: np.ndarray | None = None
@@ -74,6 +78,18 @@ class CacheWriter:
     output. Rows may come in any order; they are stored in canonical order (logprob
     descending, ties by id ascending). float32/float64 logprobs are rounded to fp16, and
     values below the fp16 range (probability 0 at any precision) are stored as -65504.
+
+    Shards are named with a fresh generation token, so `overwrite=True` writes the new cache
+    beside the old one, commits its manifest, and only then removes the old shards: a crash at
+    any moment leaves one of the two readable. Files the writer did not create are never removed.
+
+    Distributed writers pass `rank` and `world_size`: each rank commits a partial manifest
+    and `logitcache merge` (or `merge_partials`) commits the cache once all ranks finished.
+
+    Long runs call `checkpoint(progress)` now and then; a run killed later is continued by a
+    writer created with `resume=True` and the same identity (k, vocab_size, positions, teacher,
+    tokenizer, metadata, codecs, rank, world_size), which keeps the checkpointed shards and
+    returns the caller's `progress` as `resumed_progress` (None when starting fresh).
     """
 
     def __init__(
@@ -91,8 +107,11 @@ class CacheWriter:
         chunk_bytes: int = 2 << 20,
         shard_bytes: int = 256 << 20,
         rank: int | None = None,
+        world_size: int | None = None,
         overwrite: bool = False,
+        resume: bool = False,
         threads: int | None = None,
+        generation: str | None = None,
     ):
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k={k!r}: must be an integer in [1, {MAX_K}]")
@@ -102,9 +121,12 @@ class CacheWriter:
             )
         if positions not in POSITIONS_MODES:
             raise ValueError(f"positions={positions!r}: must be one of {POSITIONS_MODES}")
-        if rank is not None and (not isinstance(rank, int) or rank < 0):
-            raise ValueError(f"rank={rank!r}: must be a non-negative integer or None")
-        self.k, self.vocab_size, self.positions, self.rank = k, vocab_size, positions, rank
+        _check_rank(rank, world_size)
+        for name, value in (("chunk_bytes", chunk_bytes), ("shard_bytes", shard_bytes)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer number of bytes")
+        self.k, self.vocab_size, self.positions = k, vocab_size, positions
+        self.rank, self.world_size = rank, world_size
         self.chunk_bytes, self.shard_bytes = int(chunk_bytes), int(shard_bytes)
         configs = default_pipeline_configs(k)
         for name, config in (codecs or {}).items():
@@ -122,8 +144,30 @@ class CacheWriter:
         }
         self.teacher, self.tokenizer = teacher, tokenizer
         self.metadata = dict(metadata or {})
+        self._identity = as_json(
+            {
+                "k": k,
+                "vocab_size": vocab_size,
+                "positions": positions,
+                "teacher": teacher,
+                "tokenizer": tokenizer,
+                "metadata": self.metadata,
+                "codecs": {name: configs[name] for name in sorted(configs)},
+                "rank": rank,
+                "world_size": world_size,
+            },
+            what="teacher, tokenizer and metadata",
+        )
+        self.slot = WriterSlot(rank)
+        if generation is not None and not re.fullmatch(r"[0-9a-f]{12}", str(generation)):
+            raise ValueError(f"generation={generation!r}: must be 12 lowercase hex digits")
+        self.generation = generation or new_generation()
         self.store = open_store(url, storage_options)
-        self._prepare_destination(overwrite)
+        self._kept: list[ShardEntry] = []  # shards of a resumed checkpoint
+        self._checkpointed = 0  # shards of this run covered by the progress file
+        self._replaced: set[str] = set()  # shards of the commit this writer replaces
+        self.resumed_progress: Any = None
+        self._prepare_destination(overwrite, resume)
 
         self._stamp = np.zeros(vocab_size, dtype=np.int64)
         self._stamp_base = 0
@@ -142,28 +186,92 @@ class CacheWriter:
 
     # -- destination ---------------------------------------------------------------------
     def _shard_name(self, index: int) -> str:
-        prefix = "" if self.rank is None else f"r{self.rank:05d}-"
-        return f"{SHARD_DIR}/{prefix}{index:05d}{SHARD_SUFFIX}"
+        return self.slot.shard_name(self.generation, index)
 
     def _commit_name(self) -> str:
-        return MANIFEST_NAME if self.rank is None else partial_manifest_name(self.rank)
+        return self.slot.commit_name
 
-    def _prepare_destination(self, overwrite: bool) -> None:
-        if self.store.exists(MANIFEST_NAME) or self.store.exists(self._commit_name()):
+    def _prepare_destination(self, overwrite: bool, resume: bool) -> None:
+        """Decide what this run replaces or resumes, and clear leftovers of its own slot.
+
+        Nothing that a committed manifest, this slot's partial or a kept checkpoint lists is
+        touched here; files of other names (other ranks, other programs) never are.
+        """
+        store, slot = self.store, self.slot
+        store.check_writable(slot.commit_name)
+        store.check_writable(slot.progress_name)
+        where = f"{store.url}/{slot.commit_name}"
+        committed = _listed(store, slot.commit_name)
+        merged = (_listed(store, MANIFEST_NAME) if slot.rank is not None else None) or set()
+        has_merged = slot.rank is not None and store.exists(MANIFEST_NAME)
+        progress = read_progress(store, slot.progress_name)
+        progress_where = f"{store.url}/{slot.progress_name}"
+        finished = (
+            committed is not None
+            and progress is not None
+            and {s.path for s in progress.shards} <= committed
+        )
+        if finished:
+            # Killed after its commit, before removing its progress file: the run is complete.
+            store.remove(slot.progress_name)
+            progress = None
+        if resume and progress is None and (committed is not None or has_merged):
+            raise CacheError(
+                f"{where}: the cache is complete (committed), there is nothing to resume; "
+                "check for a committed cache before resuming, or pass overwrite=True without "
+                "resume to replace it"
+            )
+        if (committed is not None or has_merged) and not overwrite:
+            if resume:
+                raise CacheError(
+                    f"{progress_where}: the interrupted run was replacing the committed cache "
+                    f"at {store.url}; pass overwrite=True with resume=True to continue it"
+                )
+            raise CacheError(
+                f"{where}: a committed cache is already there; pass overwrite=True "
+                "(--overwrite on the command line) to replace it, or write to a new URL"
+            )
+        if progress is not None and not resume:
             if not overwrite:
                 raise CacheError(
-                    f"{self.store.url}: a committed cache is already there; pass "
-                    "overwrite=True to replace it, or write to a new URL"
+                    f"{progress_where}: an interrupted run left a checkpoint of "
+                    f"{sum(s.records for s in progress.shards):,} records; pass resume=True "
+                    "to continue it, or overwrite=True to discard it"
                 )
-            self.store.remove(MANIFEST_NAME)
-            self.store.remove(self._commit_name())
-        # Files of an earlier run that did not commit belong to no cache: clear them.
-        prefix = f"{SHARD_DIR}/" + ("" if self.rank is None else f"r{self.rank:05d}-")
-        for rel in self.store.list(SHARD_DIR):
-            if rel.startswith(prefix) and (
-                self.rank is not None or not os.path.basename(rel).startswith("r")
-            ):
-                self.store.remove(rel)
+            store.remove(slot.progress_name)  # discarded: its shards are cleared below
+            progress = None
+        if progress is not None:
+            identity_mismatch(progress.identity, self._identity, progress_where)
+            self._check_kept(progress)
+            self._kept = list(progress.shards)
+            self.resumed_progress = progress.progress
+        self._replaced = (committed or set()) - merged
+        protected = (committed or set()) | merged | {s.path for s in self._kept}
+        for rel in store.list(SHARD_DIR):
+            if slot.owns(rel) and rel not in protected:
+                store.remove(rel)  # of this slot, listed nowhere: a run that did not commit
+        for rel in store.list("") + store.list(PARTIAL_DIR):
+            if slot.owns_temporary(rel):
+                store.remove(rel)
+
+    def _check_kept(self, progress: Progress) -> None:
+        """Every shard of the checkpoint is there, whole: size always, checksum locally."""
+        for entry in progress.shards:
+            try:
+                size = self.store.size(entry.path)
+            except FileNotFoundError:
+                size = None
+            problem = None
+            if size != entry.bytes:
+                problem = "is missing" if size is None else f"has {size} bytes, not {entry.bytes}"
+            elif self.store.is_local and store_checksum(self.store, entry.path) != entry.checksum:
+                problem = "does not match its recorded checksum"
+            if problem:
+                raise CacheError(
+                    f"{self.store.url}/{self.slot.progress_name}: cannot resume: checkpointed "
+                    f"shard {entry.path} {problem}; restore it, or start over with "
+                    "overwrite=True"
+                )
 
     # -- input ---------------------------------------------------------------------------
     def add(
@@ -356,13 +464,14 @@ class CacheWriter:
 
     def _write_chunk(self, chunk: EncodedChunk) -> None:
         if self._builder is None:
-            self._builder_rel = self._shard_name(len(self._shards))
+            self._builder_rel = self._shard_name(len(self._kept) + len(self._shards))
             self._builder = ShardBuilder(
                 self.store.new_local_file(self._builder_rel),
                 k=self.k,
                 vocab_size=self.vocab_size,
                 positions=self.positions,
                 pipelines=self.pipelines,
+                shard_path=self._builder_rel,
             )
         self._builder.add_chunk(chunk)
         if self._builder.bytes_written >= self.shard_bytes:
@@ -371,7 +480,7 @@ class CacheWriter:
     def _finish_shard(self) -> None:
         builder, rel = self._builder, self._builder_rel
         self._builder = None
-        size, checksum = builder.finish()
+        size, checksum, footer_checksum = builder.finish()
         self.store.put_file(builder.path, rel)
         self._shards.append(
             ShardEntry(
@@ -382,8 +491,46 @@ class CacheWriter:
                 bytes=size,
                 checksum=checksum,
                 chunk_records=builder.chunk_records,
+                footer_checksum=footer_checksum,
             )
         )
+
+    def _drain(self) -> None:
+        """Encode and write everything added so far, and publish the shard being built."""
+        self._flush_chunk()
+        while self._in_flight:
+            self._write_chunk(self._in_flight.popleft().result())
+        if self._builder is not None:
+            self._finish_shard()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, progress: dict) -> None:
+        """Make every record added so far durable, with the caller's `progress` beside it.
+
+        Publishes the shard being built (pending records are flushed into it first), then
+        atomically replaces this writer's progress file with the shards published so far, the
+        writer's identity and `progress` (any JSON-serialisable dict: the caller's position in
+        its input). A run killed later resumes from here with `resume=True`; records added after
+        the last checkpoint were never committed and must be added again.
+        """
+        if self._closed:
+            raise CacheError("this CacheWriter is closed")
+        state = as_json(progress, what="checkpoint progress")
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint progress must be a dict, got {type(progress).__name__}")
+        try:
+            self._drain()
+            record = Progress(
+                identity=self._identity,
+                shards=self._kept + self._shards,
+                progress=state,
+                generation=self.generation,
+            )
+            self.store.write_bytes(self.slot.progress_name, record.dumps())
+        except BaseException:
+            self.abort()
+            raise
+        self._checkpointed = len(self._shards)
 
     # -- commit --------------------------------------------------------------------------
     @property
@@ -392,36 +539,62 @@ class CacheWriter:
             k=self.k,
             vocab_size=self.vocab_size,
             positions=self.positions,
-            shards=list(self._shards),
+            shards=self._kept + self._shards,
             columns=self._column_configs,
             teacher=self.teacher,
             tokenizer=self.tokenizer,
             metadata=self.metadata,
             created_by=f"logitcache {__version__}",
             created_at=now_iso(),
+            rank=self.rank,
+            world_size=self.world_size,
         )
 
     def close(self) -> Manifest:
-        """Write what is pending, then the manifest (the commit). Returns the manifest."""
+        """Write what is pending, then the manifest (the commit). Returns the manifest.
+
+        After the commit, the progress file and the shards of the cache (or partial) this one
+        replaced are removed; a crash before the commit leaves the old one intact.
+        """
         if self._closed:
             raise CacheError("this CacheWriter is already closed")
         try:
-            self._flush_chunk()
-            while self._in_flight:
-                self._write_chunk(self._in_flight.popleft().result())
-            if self._builder is not None:
-                self._finish_shard()
+            self._drain()
             manifest = self.manifest
+            self._check_published(manifest.shards)
             self.store.write_bytes(self._commit_name(), manifest.dumps())
         except BaseException:
             self.abort()
             raise
         self._closed = True
         self._pool.shutdown()
+        self.store.remove(self.slot.progress_name)
+        for rel in sorted(self._replaced - {s.path for s in manifest.shards}):
+            self.store.remove(rel)
         return manifest
 
+    def _check_published(self, shards: list[ShardEntry]) -> None:
+        """Every shard about to be committed is there with its size: a second writer started
+        on the same root by mistake clears this one's files, and must not yield a manifest
+        that lists missing shards."""
+        for entry in shards:
+            try:
+                size = self.store.size(entry.path)
+            except FileNotFoundError:
+                size = None
+            if size != entry.bytes:
+                raise CacheError(
+                    f"{self.store.url}: shard {entry.path} this writer published is "
+                    f"{'gone' if size is None else f'{size} bytes, not {entry.bytes}'}; was "
+                    "another writer started on the same URL? Nothing was committed: run one "
+                    "writer per URL (and rank), then write again"
+                )
+
     def abort(self) -> None:
-        """Drop everything written so far; nothing is committed."""
+        """Drop what was written since the last checkpoint; nothing is committed.
+
+        Checkpointed shards stay, with their progress file, for a later `resume=True`.
+        """
         self._closed = True
         for future in self._in_flight:
             future.cancel()
@@ -430,9 +603,9 @@ class CacheWriter:
         if self._builder is not None:
             self._builder.abort()
             self._builder = None
-        for entry in self._shards:
+        for entry in self._shards[self._checkpointed :]:
             self.store.remove(entry.path)
-        self._shards.clear()
+        del self._shards[self._checkpointed :]
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -442,6 +615,35 @@ class CacheWriter:
             self.close()
         else:
             self.abort()
+
+
+def _check_rank(rank, world_size) -> None:
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{name}={value!r}: must be an integer or None")
+    if rank is None:
+        if world_size is not None:
+            raise ValueError(f"world_size={world_size}: needs rank= (this writer's rank)")
+        return
+    if world_size is None:
+        raise ValueError(
+            f"rank={rank} needs world_size= (the number of ranks), so that merge can tell "
+            "when a rank is missing"
+        )
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+
+
+def _listed(store, name: str) -> set[str] | None:
+    """Shard paths listed by the committed manifest `name`; None when there is none. A damaged
+    manifest counts as committed but lists nothing (its shards are then left alone)."""
+    if not store.exists(name):
+        return None
+    try:
+        data = store.read_bytes(name, max_bytes=MAX_MANIFEST_BYTES)
+        return {s.path for s in Manifest.loads(data, source=name).shards}
+    except CacheError:
+        return set()
 
 
 def _int_array(value, name: str, index: int, *, ndim: int) -> np.ndarray:

@@ -22,10 +22,46 @@ def _bits_to_key(bits: int) -> int:
     return ~bits & 0xFFFF if bits & 0x8000 else bits | 0x8000
 
 
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), f"repeated member names {keys}"  # section 3
+    return dict(pairs)
+
+
+def _no_constants(name):
+    raise AssertionError(f"{name} is not JSON")  # section 3
+
+
+def strict_json(data: bytes):
+    return json.loads(
+        data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+    )
+
+
+def check_manifest_checksum(data: bytes, obj: dict) -> None:
+    """Section 3.1: the hash of every byte before the last `"manifest_checksum"` key."""
+    minor = int(obj["format_version"].split(".")[1])
+    if "manifest_checksum" not in obj:
+        assert minor == 0, "a 1.1 manifest must carry manifest_checksum"
+        return
+    at = data.rfind(b'"manifest_checksum"')
+    tail = data[at:].decode("ascii")
+    key, _, rest = tail.partition(":")
+    value = rest.strip()
+    assert value.startswith('"xxh3_64:') and value[25] == '"', "checksum is malformed"
+    assert value[26:].strip() == "}", "checksum is not the last member"
+    assert value[1:25] == obj["manifest_checksum"]
+    assert obj["manifest_checksum"] == f"xxh3_64:{xxhash.xxh3_64_hexdigest(data[:at])}"
+
+
 def decode_codec(config: dict, data: bytes, raw_size: int) -> bytes:
     cid = config["id"]
     if cid == "zstd":
-        return zstandard.ZstdDecompressor().decompress(data)
+        assert isinstance(config["level"], int) and -7 <= config["level"] <= 22  # 6.1
+        reader = zstandard.ZstdDecompressor().decompressobj()
+        out = reader.decompress(data)
+        assert reader.eof and not reader.unused_data, "a block is exactly one frame"  # 6.1
+        return out
     if cid == "shuffle":
         e = config["elementsize"]
         n = len(data) // e
@@ -65,6 +101,7 @@ def decode_codec(config: dict, data: bytes, raw_size: int) -> bytes:
             value |= (byte & 0x7F) << shift
             shift += 7
             if byte < 0x80:
+                assert byte != 0 or shift == 7, "varint is not minimal"  # 6.6
                 out.append(value)
                 value, shift = 0, 0
         return struct.pack(f"<{len(out)}I", *out)
@@ -77,21 +114,32 @@ def _ints(fmt: str, data: bytes) -> list:
 
 
 def decode_cache(root: str) -> dict:
-    with open(os.path.join(root, "manifest.json")) as f:
-        manifest = json.load(f)
+    with open(os.path.join(root, "manifest.json"), "rb") as f:
+        data = f.read()
+    manifest = strict_json(data)
     assert manifest["format"] == "logitcache" and manifest["format_version"].startswith("1.")
+    assert manifest["checksum_algorithm"] == "xxh3_64"
+    check_manifest_checksum(data, manifest)
     k = manifest["k"]
     records = []
     for entry in manifest["shards"]:
         with open(os.path.join(root, *entry["path"].split("/")), "rb") as f:
             blob = f.read()
         assert f"xxh3_64:{xxhash.xxh3_64_hexdigest(blob)}" == entry["checksum"]
+        assert len(blob) == entry["bytes"]
         assert blob[:8] == b"LGCSHARD" and struct.unpack_from("<H", blob, 8)[0] == 1
+        header_minor = struct.unpack_from("<H", blob, 10)[0]
         length, digest, magic = struct.unpack_from("<QQ8s", blob, len(blob) - 24)
-        assert magic == b"LGCSHARD"
+        assert magic == b"LGCSHARD" and length <= len(blob) - 40
         footer_bytes = blob[len(blob) - 24 - length : len(blob) - 24]
         assert xxhash.xxh3_64_intdigest(footer_bytes) == digest
-        footer = json.loads(footer_bytes)
+        if "footer_checksum" in entry:  # section 3: the entry names its file's footer
+            assert entry["footer_checksum"] == f"{digest:016x}"
+        footer = strict_json(footer_bytes)
+        footer_minor = int(footer["format_version"].split(".")[1])
+        assert footer_minor == header_minor  # section 4
+        if footer_minor >= 1:  # section 4.1: the footer names its place
+            assert footer["path"] == entry["path"]
         for chunk in footer["chunks"]:
             cols = {}
             for name, block in chunk["blocks"].items():
@@ -105,6 +153,8 @@ def decode_cache(root: str) -> dict:
                 cols[name] = stored
             lengths = _ints("i", cols["record_lengths"])
             input_ids = _ints("i", cols["input_ids"])
+            vocab = manifest["vocab_size"]  # section 4.2: ids checked on every decode
+            assert all(0 <= i < vocab for i in input_ids + _ints("i", cols["topk_ids"]))
             mask = list(cols["loss_mask"])
             ids = _ints("i", cols["topk_ids"])
             bits = _ints("H", cols["topk_logprobs"])

@@ -229,8 +229,8 @@ def test_inspect_record_shows_candidates_and_decoded_text(cache_dir, tmp_path):
 
 def test_merge_joins_partial_manifests(tmp_path):
     url = tmp_path / "ranked"
-    write_cache(url, n=10, seed=1, rank=0)
-    write_cache(url, n=7, seed=2, rank=1)
+    write_cache(url, n=10, seed=1, rank=0, world_size=2)
+    write_cache(url, n=7, seed=2, rank=1, world_size=2)
     assert not (url / "manifest.json").exists()
     result = run("merge", url)
     assert result.returncode == 0, result.stderr

@@ -42,6 +42,7 @@ from logitcache.format import (
     TRAILER_SIZE,
 )
 from logitcache.manifest import Manifest
+from logitcache.sealed_json import seal
 from tests.conftest import (
     SMALL_K,
     SMALL_VOCAB,
@@ -74,7 +75,8 @@ def load_manifest_json(cache_dir: Path) -> dict:
 
 
 def save_manifest_json(cache_dir: Path, obj: dict) -> None:
-    (cache_dir / MANIFEST_NAME).write_text(json.dumps(obj, indent=1))
+    # Re-sealed, so the test reaches the checks behind the manifest's own checksum.
+    (cache_dir / MANIFEST_NAME).write_bytes(seal(obj))
 
 
 def split_shard(path: Path) -> tuple[bytes, dict]:
@@ -107,10 +109,12 @@ def resync_manifest(cache: SmallCache, shard: int = 0, **entry_updates) -> None:
     manifest = Manifest.loads((cache.path / MANIFEST_NAME).read_bytes())
     entry = manifest.shards[shard]
     data = (cache.path / entry.path).read_bytes()
+    _, footer_digest, _ = struct.unpack_from("<QQ8s", data, len(data) - TRAILER_SIZE)
     entry = dataclasses.replace(
         entry,
         bytes=len(data),
         checksum=f"xxh3_64:{xxhash.xxh3_64_hexdigest(data)}",
+        footer_checksum=f"{footer_digest:016x}",
         **entry_updates,
     )
     manifest.shards[shard] = entry

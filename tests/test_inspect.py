@@ -92,3 +92,19 @@ def test_record_view_rank_and_candidates(cache_url):
         assert row["rank"] == (int(hit[0]) + 1 if hit.size else None)
         assert len(row["candidates"]) == 2
     assert f"record {len(view['rows']) and view['index']}" in format_record_view(view)
+
+
+def test_a_negative_tail_mass_is_explained(tmp_path):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, k=4, vocab_size=50) as w:
+        # Four entries of probability 0.26 each: 1.04 in total, within the writer's slack.
+        w.add(
+            input_ids=np.array([1, 2], np.int32),
+            loss_mask=np.array([False, True]),
+            topk_ids=np.array([[2, 3, 4, 5]], np.int32),
+            topk_logprobs=np.full((1, 4), np.log(0.26), np.float32),
+        )
+    with open_cache(url) as cache:
+        report, _ = inspect_report(cache, progress=False)
+    text = format_report({**report, "url": url})
+    assert "negative tail mass" in text and "fp16 rounding" in text

@@ -144,7 +144,7 @@ def test_nemo_example_without_targets_is_skipped(tmp_path):
     skipped: list[str] = []
     records = list(iter_nemo_records(str(path), skipped=skipped))
     assert [r["sample_id"] for _, r in records] == ["0"]
-    assert skipped == [f"{path} example 1"]
+    assert skipped == [f"{path} line 2"]
     assert detect_format(str(path)) == FORMAT_NEMO
 
 
@@ -210,7 +210,7 @@ def test_axolotl_ragged_rows_ask_for_k(tmp_path):
     example["target_mask"][5] = example["target_mask"][5][:-2]
     path = tmp_path / "ax.jsonl"
     write_jsonl(path, [example])
-    with pytest.raises(ValueError, match=r"example 0 position 5: 6 teacher entries.*--k"):
+    with pytest.raises(ValueError, match=r"line 1 position 5: 6 teacher entries.*--k"):
         list(iter_axolotl_records(str(path)))
     ((_, rec),) = list(iter_axolotl_records(str(path), k=6))
     assert rec["topk_ids"].shape[1] == 6

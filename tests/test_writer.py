@@ -59,7 +59,9 @@ def test_close_returns_the_committed_manifest(tmp_path, records):
     for record in records[:3]:
         writer.add(**record)
     manifest = writer.close()
-    assert manifest.to_json() == json.loads((tmp_path / MANIFEST_NAME).read_text())
+    on_disk = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert on_disk.pop("manifest_checksum").startswith("xxh3_64:")
+    assert manifest.to_json() == on_disk
     with pytest.raises(CacheError, match="closed"):
         writer.add(**records[3])
     with pytest.raises(CacheError, match="already closed"):
@@ -83,8 +85,9 @@ def test_shards_roll_at_the_size_limit(tmp_path, records, shard_bytes):
         assert all(len(s.chunk_records) == 1 for s in manifest.shards)
     assert len(manifest.shards) > 1
     assert manifest.records == len(records)
+    generation = manifest.shards[0].path[len("shards/g") :][:12]
     assert [s.path for s in manifest.shards] == [
-        f"shards/{i:05d}.lgc" for i in range(len(manifest.shards))
+        f"shards/g{generation}-{i:05d}.lgc" for i in range(len(manifest.shards))
     ]
 
 
@@ -114,7 +117,14 @@ def test_chunks_roll_at_the_size_limit(tmp_path, records, chunk_bytes, expect):
 
 
 def test_output_is_deterministic_across_thread_counts_and_add_batch(tmp_path, records):
-    options = {"k": SMALL_K, "vocab_size": SMALL_VOCAB, "chunk_bytes": 700, "shard_bytes": 5000}
+    # One generation token for all three, so that their shard names and footers agree.
+    options = {
+        "k": SMALL_K,
+        "vocab_size": SMALL_VOCAB,
+        "chunk_bytes": 700,
+        "shard_bytes": 5000,
+        "generation": "0123456789ab",
+    }
     write_cache(tmp_path / "one", records, threads=1, **options)
     write_cache(tmp_path / "four", records, threads=4, **options)
     with CacheWriter(str(tmp_path / "batch"), threads=2, **options) as writer:
@@ -192,15 +202,21 @@ def test_existing_cache_needs_overwrite(tmp_path, records):
         assert_record_equal(cache[0], records[4])
 
 
-def test_leftovers_of_an_uncommitted_run_are_cleared_but_not_other_ranks(tmp_path, records):
+def test_leftovers_of_an_uncommitted_run_are_cleared_but_nothing_else(tmp_path, records):
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "00000.lgc").write_bytes(b"half a shard")
-    (shards / "00009.lgc.tmp-0123").write_bytes(b"a temporary file")
-    (shards / "r00002-00000.lgc").write_bytes(b"another rank's shard")
+    (shards / "g0123456789ab-00000.lgc").write_bytes(b"half a shard")
+    (shards / f"g0123456789ab-00009.lgc.tmp-{'0' * 32}").write_bytes(b"a temporary file")
+    foreign = [
+        "r00002-g0123456789ab-00000.lgc",  # another rank's shard
+        "00000.lgc",  # a format 1.0 name: not this writer's naming
+        "model-00001.safetensors",  # not logitcache's at all
+    ]
+    for name in foreign:
+        (shards / name).write_bytes(b"not mine")
     manifest = write_cache(tmp_path, records[:3], k=SMALL_K, vocab_size=SMALL_VOCAB)
     assert sorted(p.name for p in shards.iterdir()) == sorted(
-        ["r00002-00000.lgc", *(s.path.split("/")[1] for s in manifest.shards)]
+        [*foreign, *(s.path.split("/")[1] for s in manifest.shards)]
     )
     with open_cache(str(tmp_path)) as cache:
         assert len(cache) == 3

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 
 from logitcache import CacheWriter, open_cache
+from logitcache.manifest import Manifest
 
 VECTORS = {
     "supervised-k4-v50": dict(
@@ -129,18 +130,19 @@ def write_vector(out_dir: str, name: str, spec: dict, seed: int) -> None:
         teacher={"name": "spec-vector"},
         tokenizer={"name": "spec-vector"},
         threads=1,
+        # A fixed generation token keeps regenerated shard names and footers byte-identical.
+        generation=f"{seed:012x}",
     ) as writer:
         for record in _records(spec, seed):
             writer.add(**record)
-    # A fixed timestamp keeps regenerated vectors byte-identical.
+    # A fixed timestamp keeps regenerated vectors byte-identical (the manifest is re-sealed).
     path = os.path.join(root, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest["created_at"] = "2026-01-01T00:00:00+00:00"
-    manifest["created_by"] = "logitcache spec vectors"
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    with open(path, "rb") as f:
+        manifest = Manifest.loads(f.read())
+    manifest.created_at = "2026-01-01T00:00:00+00:00"
+    manifest.created_by = "logitcache spec vectors"
+    with open(path, "wb") as f:
+        f.write(manifest.dumps())
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(decoded_json(root), f, indent=1)
         f.write("\n")

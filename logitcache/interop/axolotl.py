@@ -1,7 +1,7 @@
 """Import axolotl-style knowledge-distillation datasets (input_ids, labels, target_* fields).
 
-axolotl stores one teacher row per token position, right-aligned to input_ids, and shifts in
-its trainer; docs/interop.md gives the exact position mapping onto logitcache's convention.
+axolotl data comes in two row layouts (LAYOUTS); the importer is told which, and convert checks
+from the data that the rows fit it. docs/interop.md gives the exact position mappings.
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED
-from . import iter_rows, require_field, to_fp16_logprobs
+from . import int_vector, iter_rows, require_field, to_fp16_logprobs
 
 IGNORE_INDEX = -100
+# "token": row p is the distribution of token p, rows right-aligned to input_ids (axolotl's
+# dataset transform pads rows in front; its first KD trainer compared logits[:, :-1] with
+# rows[:, 1:]). "next-token": row t is the distribution of token t + 1, left-aligned (axolotl's
+# online-teacher collator; its fused Liger KD loss since v0.11 pairs logits t with row t).
+LAYOUT_TOKEN = "token"
+LAYOUT_NEXT_TOKEN = "next-token"
+LAYOUTS = (LAYOUT_TOKEN, LAYOUT_NEXT_TOKEN)
 AXOLOTL_COLUMNS = [
     "input_ids",
     "labels",
@@ -28,7 +35,7 @@ AXOLOTL_COLUMNS = [
 def _row_entries(
     ids_row, logprobs_row, mask_row, *, where: str, position: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(ids_row, dtype=np.int64).reshape(-1)
+    ids = int_vector(ids_row, f"{where} position {position}", "target_token_ids")
     lps = np.asarray(logprobs_row, dtype=np.float64).reshape(-1)
     if ids.shape != lps.shape:
         raise ValueError(
@@ -43,22 +50,29 @@ def _row_entries(
 
 
 def axolotl_example_to_record(
-    example: dict, *, where: str, k: int | None = None, positions: str = POSITIONS_SUPERVISED
+    example: dict,
+    *,
+    where: str,
+    k: int | None = None,
+    positions: str = POSITIONS_SUPERVISED,
+    layout: str = LAYOUT_TOKEN,
 ) -> dict | None:
     """Convert one axolotl KD example to `CacheWriter.add` keyword arguments.
 
-    With T tokens and R teacher rows (R <= T), row j belongs to token position
-    p = j + T - R: axolotl right-aligns its rows to input_ids (padding rows in front), and row p
-    is the distribution of token p itself (its trainer compares student logits [:, :-1] with
-    target rows [:, 1:]), which is logitcache's convention: no shift. Targets are positions
-    p >= 1 with labels[p] != -100 (and a non-zero target_mask row when given). Entries whose
-    target_mask is 0 are padding and are dropped. With `k`, every row keeps its top k by value.
-    Returns None for an example without a target.
+    With T tokens and R teacher rows (R <= T): in layout "token", row j belongs to token
+    position p = j + T - R (rows right-aligned, row p the distribution of token p: logitcache's
+    convention); in layout "next-token", row t belongs to p = t + 1 (row t the distribution of
+    token t + 1; a row for p = T is dropped). Targets are positions p >= 1 that have a row, with
+    labels[p] != -100 (and a non-zero target_mask row when given). Entries whose target_mask is
+    0 are padding and are dropped. With `k`, every row keeps its top k by value. Returns None
+    for an example without a target.
     """
     if positions not in POSITIONS_MODES:
         raise ValueError(f"positions={positions!r}: must be one of {POSITIONS_MODES}")
-    input_ids = np.asarray(require_field(example, ("input_ids",), where=where), dtype=np.int64)
-    labels = np.asarray(require_field(example, ("labels",), where=where), dtype=np.int64)
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r}: choose one of {LAYOUTS}")
+    input_ids = int_vector(require_field(example, ("input_ids",), where=where), where, "input_ids")
+    labels = int_vector(require_field(example, ("labels",), where=where), where, "labels")
     target_ids = require_field(example, ("target_token_ids",), where=where)
     target_logprobs = require_field(example, ("target_logprobs",), where=where)
     target_mask = example.get("target_mask")
@@ -78,7 +92,7 @@ def axolotl_example_to_record(
         raise ValueError(
             f"{where}: {n_rows} teacher rows for {n_tokens} tokens; rows must not outnumber tokens"
         )
-    offset = n_tokens - n_rows
+    offset = n_tokens - n_rows if layout == LAYOUT_TOKEN else 1
     supervised = labels != IGNORE_INDEX
     wrong = supervised & (labels != input_ids)
     if wrong.any():
@@ -90,6 +104,7 @@ def axolotl_example_to_record(
         )
     mask = supervised.copy()
     mask[: max(1, offset)] = False
+    mask[offset + n_rows :] = False  # positions without a row
     if target_mask is not None:
         for p in np.flatnonzero(mask):
             if not np.any(np.asarray(target_mask[p - offset]) != 0):
@@ -98,10 +113,11 @@ def axolotl_example_to_record(
         return None
 
     if positions == POSITIONS_ALL:
-        if offset > 1:
+        if offset > 1 or offset + n_rows < n_tokens:
             raise ValueError(
-                f"{where}: positions 'all' needs a teacher row for every position 1..T-1, but the "
-                f"first {offset} positions have none; import with positions 'supervised'"
+                f"{where}: positions 'all' needs a teacher row for every position 1..T-1, but "
+                f"{n_rows} rows in layout {layout!r} do not cover them; import with positions "
+                "'supervised'"
             )
         rows = np.arange(1, n_tokens)
     else:
@@ -152,16 +168,20 @@ def iter_axolotl_records(
     k: int | None = None,
     positions: str = POSITIONS_SUPERVISED,
     skipped: list | None = None,
+    layout: str = LAYOUT_TOKEN,
+    storage_options: dict | None = None,
 ) -> Iterator[tuple[str, dict]]:
     """Yield (location, `CacheWriter.add` kwargs) for every example of an axolotl KD dataset.
 
-    Without `k`, K is taken from the first target row and every row must have K entries.
+    Rows are placed by `layout` (LAYOUTS). Without `k`, K is taken from the first target row
+    and every row must have K entries.
     Examples without a target are left out and their locations appended to `skipped`.
     """
     first_k = None
-    for file, index, row in iter_rows(path, columns=AXOLOTL_COLUMNS):
-        where = f"{file} example {index}"
-        record = axolotl_example_to_record(row, where=where, k=k, positions=positions)
+    for where, row in iter_rows(path, columns=AXOLOTL_COLUMNS, storage_options=storage_options):
+        record = axolotl_example_to_record(
+            row, where=where, k=k, positions=positions, layout=layout
+        )
         if record is None:
             if skipped is not None:
                 skipped.append(where)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED
-from . import iter_rows, require_field, to_fp16_logprobs
+from . import int_matrix, int_vector, iter_rows, require_field, to_fp16_logprobs
 
 IGNORE_INDEX = -100
 NEMO_COLUMNS = [
@@ -64,16 +64,13 @@ def nemo_example_to_record(
     """
     if positions not in POSITIONS_MODES:
         raise ValueError(f"positions={positions!r}: must be one of {POSITIONS_MODES}")
-    tokens = _vector(
-        require_field(example, ("tokens", "input_ids"), where=where),
-        dtype=np.int64,
-        where=where,
-        field="tokens",
+    tokens = int_vector(
+        require_field(example, ("tokens", "input_ids"), where=where), where, "tokens"
     )
     n_rows = tokens.shape[0]
     labels = example.get("labels")
     if labels is not None:
-        labels = _vector(labels, dtype=np.int64, where=where, field="labels")
+        labels = int_vector(labels, where, "labels")
     if example.get("loss_mask") is not None:
         mask = _vector(example["loss_mask"], dtype=np.float64, where=where, field="loss_mask") != 0
     elif labels is not None:
@@ -81,11 +78,8 @@ def nemo_example_to_record(
     else:
         raise ValueError(f"{where}: needs 'loss_mask' or 'labels' to know which tokens are targets")
     logits = _matrix(example.get("topk_logits"), dtype=np.float64, where=where, field="topk_logits")
-    ids = _matrix(
-        require_field(example, ("topk_token_ids",), where=where),
-        dtype=np.int64,
-        where=where,
-        field="topk_token_ids",
+    ids = int_matrix(
+        require_field(example, ("topk_token_ids",), where=where), where, "topk_token_ids"
     )
     lse = _vector(
         require_field(example, ("log_sum_exp_logits",), where=where),
@@ -166,15 +160,18 @@ def _as_int32(arr: np.ndarray, *, where: str, field: str) -> np.ndarray:
 
 
 def iter_nemo_records(
-    path: str, *, positions: str = POSITIONS_SUPERVISED, skipped: list | None = None
+    path: str,
+    *,
+    positions: str = POSITIONS_SUPERVISED,
+    skipped: list | None = None,
+    storage_options: dict | None = None,
 ) -> Iterator[tuple[str, dict]]:
     """Yield (location, `CacheWriter.add` kwargs) for every example of NeMo-Aligner KD data.
 
-    The location ("FILE example I") lets callers name the example in later errors. Examples
+    The location ("FILE line N") lets callers name the example in later errors. Examples
     without a supervised token are left out; their locations are appended to `skipped`.
     """
-    for file, index, row in iter_rows(path, columns=NEMO_COLUMNS):
-        where = f"{file} example {index}"
+    for where, row in iter_rows(path, columns=NEMO_COLUMNS, storage_options=storage_options):
         record = nemo_example_to_record(row, where=where, positions=positions)
         if record is None:
             if skipped is not None:

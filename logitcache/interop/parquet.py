@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from ..format import MAX_K, MAX_VOCAB_SIZE
+
 PARQUET_METADATA_KEY = b"logitcache"
 PARQUET_EXPORT_FORMAT = "logitcache-parquet"
 PARQUET_EXPORT_VERSION = 1
@@ -165,14 +167,14 @@ def write_parquet(
     return count
 
 
-def read_export_header(path: str) -> dict | None:
-    """The logitcache header of a Parquet file, or None when the file has none."""
-    import pyarrow.parquet as pq
+def read_export_header(path: str, storage_options: dict | None = None) -> dict | None:
+    """The logitcache header of a Parquet file (local or URL), or None when it has none.
 
-    try:
-        meta = pq.read_metadata(path).metadata or {}
-    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+    The identity fields are checked here, so that a damaged header is reported with its file.
+    """
+    from . import parquet_file
+
+    meta = parquet_file(path, storage_options).metadata.metadata or {}
     raw = meta.get(PARQUET_METADATA_KEY)
     if raw is None:
         return None
@@ -184,12 +186,30 @@ def read_export_header(path: str) -> dict | None:
         ) from None
     if not isinstance(header, dict) or header.get("format") != PARQUET_EXPORT_FORMAT:
         raise ValueError(f"{path}: the 'logitcache' metadata is not a logitcache export header")
-    if int(header.get("version", 0)) > PARQUET_EXPORT_VERSION:
+    version = header.get("version", 0)
+    if not _is_count(version):
+        raise ValueError(f"{path}: the export header's version {version!r} is not an integer")
+    if version > PARQUET_EXPORT_VERSION:
         raise ValueError(
             f"{path}: export version {header.get('version')} is newer than this reader "
             f"({PARQUET_EXPORT_VERSION}); upgrade logitcache"
         )
+    for key, low, high in (("k", 1, MAX_K), ("vocab_size", 1, MAX_VOCAB_SIZE)):
+        value = header.get(key)
+        if value is not None and not (_is_count(value) and low <= value <= high):
+            raise ValueError(
+                f"{path}: the export header's {key} {value!r} is not an integer in "
+                f"[{low}, {high}]; the file is damaged or was not written by logitcache: pass "
+                "--vocab-size to override, or re-export it"
+            )
+    for key in ("teacher", "tokenizer", "metadata"):
+        if header.get(key) is not None and not isinstance(header.get(key), dict):
+            raise ValueError(f"{path}: the export header's {key} must be an object or null")
     return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _nested_values(
@@ -232,21 +252,21 @@ def _flat_values(column, *, where: str, field: str) -> tuple[np.ndarray, np.ndar
     return lengths, values.to_numpy(zero_copy_only=False)
 
 
-def iter_parquet_records(path: str, *, k: int | None = None) -> Iterator[tuple[str, dict]]:
+def iter_parquet_records(
+    path: str, *, k: int | None = None, storage_options: dict | None = None
+) -> Iterator[tuple[str, dict]]:
     """Yield (location, `CacheWriter.add` kwargs) for every row of Parquet files in the export
     layout.
 
     Reads one row group at a time. Logprobs of any float type are rounded to float16 (exact
     for files written by `write_parquet`). K is taken from the header, else from the data.
     """
-    import pyarrow.parquet as pq
+    from . import parquet_file, source_files
 
-    from . import source_files
-
-    for file in source_files(path):
-        header = read_export_header(file)
+    for file in source_files(path, storage_options):
+        header = read_export_header(file, storage_options)
         file_k = k if k is not None else (header or {}).get("k")
-        pf = pq.ParquetFile(file)
+        pf = parquet_file(file, storage_options)
         missing = [c for c in RECORD_COLUMNS[:4] if c not in pf.schema_arrow.names]
         if missing:
             raise ValueError(

@@ -135,10 +135,14 @@ class FaultProxy:
                 for k, v in resp_headers:
                     if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                         self.send_header(k, v)
+                if self.command == "HEAD":
+                    # A HEAD response has no body but reports the object's size, as upstream's.
+                    upstream = dict((k.lower(), v) for k, v in resp_headers)
+                    self.send_header("Content-Length", upstream.get("content-length", "0"))
+                    self.end_headers()
+                    return
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command == "HEAD":
-                    return
                 if fault == "truncate" and len(data) > 1:
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
