@@ -2,7 +2,8 @@
 
 One forward pass over the calibration batches with hooks on every decoder layer. Each hook
 reduces the activation it sees at once to per-sequence sums, so no more than the one layer the
-model is running holds activations. Aggregation (Muralidharan et al. 2024, Table 2's best):
+model is running holds activations. Aggregation (the best of those Muralidharan et al. 2024
+compared):
 
     score[j] = mean over sequences b of  sqrt( sum over tokens t of a[b, t, j]^2 )
 
