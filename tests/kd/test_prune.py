@@ -180,6 +180,19 @@ def test_pruning_to_the_teachers_shape_changes_nothing(
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_quantisation_settings_of_a_gguf_teacher_are_dropped(tiny_llama_dir):
+    from kd.prune import make_plan, random_importance
+    from kd.prune.slicing import pruned_config
+
+    config = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).config
+    config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves
+    teacher = shape_of(config)
+    target = Shape(**(teacher.as_dict() | {"num_layers": 1}))
+    plan = make_plan(random_importance(teacher, 0), teacher, target)
+    pruned = json.loads(pruned_config(config, plan).to_json_string(use_diff=False))
+    assert "quantization_config" not in pruned and pruned["num_hidden_layers"] == 1
+
+
 def reference_importance(model, examples):
     """The definition, one sequence at a time with whole activations kept (tests only)."""
     layers = model.model.layers

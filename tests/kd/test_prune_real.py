@@ -106,20 +106,3 @@ def test_real_teacher_prunes_to_a_loadable_student(
     with torch.inference_mode():
         torch.testing.assert_close(same(ids).logits, real_teacher.model(ids).logits, rtol=0, atol=0)
 
-
-def test_a_gguf_teacher_prunes_to_a_plain_directory(tmp_path):
-    """A GGUF teacher's config carries quantisation settings; the student's must not."""
-    from kd.models import packaged_gguf
-
-    out = tmp_path / "student"
-    result = prune_model(
-        packaged_gguf(), None, str(out), num_layers=2, selection="random", progress=False
-    )
-    config = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in config
-    assert config["num_hidden_layers"] == 2 and config["head_dim"] == 64
-    model = AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.tensor([[1, 504, 3303, 30, 2]])
-    with torch.inference_mode():
-        torch.testing.assert_close(model(ids).logits, result.model(ids).logits)
-    assert json.loads((out / REPORT_NAME).read_text())["seed"] == 0
