@@ -105,4 +105,3 @@ def test_real_teacher_prunes_to_a_loadable_student(
     ).model
     with torch.inference_mode():
         torch.testing.assert_close(same(ids).logits, real_teacher.model(ids).logits, rtol=0, atol=0)
-
