@@ -445,6 +445,165 @@ def run_eval(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kd prune
+
+
+def add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="make a student by structurally pruning the teacher (Minitron)",
+        description="Score the teacher's layers, attention heads, MLP neurons and embedding "
+        "channels by their activations on calibration data, keep the most important ones for "
+        "the target shape, and write the pruned model (the teacher's weights at the kept "
+        "indices, its tokenizer, prune_report.json) as a transformers directory. The target "
+        "is explicit dimensions or a parameter count. See docs/kd-prune.md.",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="PATH", help="teacher: .gguf file or directory"
+    )
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="calibration data: JSON lines / Parquet SFT rows (file, directory, glob or URL) or a "
+        "logit cache (its token ids are used); required unless --selection random",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    shape = p.add_argument_group("target (dimensions left out keep the teacher's)")
+    shape.add_argument("--layers", type=positive_int, metavar="N", help="decoder layers")
+    shape.add_argument("--hidden-size", type=positive_int, metavar="N", help="embedding width")
+    shape.add_argument("--intermediate-size", type=positive_int, metavar="N", help="MLP width")
+    shape.add_argument("--num-heads", type=positive_int, metavar="N", help="query heads")
+    shape.add_argument("--num-kv-heads", type=positive_int, metavar="N", help="key/value heads")
+    shape.add_argument(
+        "--params",
+        metavar="N",
+        help="instead of dimensions: a parameter count (60000000, 60M, 1.2B) or a fraction of "
+        "the teacher's (50%%), turned into a shape by the rule in docs/kd-prune.md",
+    )
+    shape.add_argument(
+        "--params-scope",
+        choices=["total", "non-embedding"],
+        default="total",
+        help="what --params counts (default total; tied embeddings count once)",
+    )
+    shape.add_argument(
+        "--method",
+        choices=["width", "depth", "both"],
+        help="what to prune: width (heads, neurons, channels), depth (layers) or both "
+        "(default: follows from the dimensions given; width for --params)",
+    )
+    p.add_argument(
+        "--depth-metric",
+        choices=["cosine", "loss"],
+        default="cosine",
+        help="layer importance: 1 - cosine(input, output) from the same pass (default), or the "
+        "calibration loss increase when the layer is skipped (one more pass per layer)",
+    )
+    p.add_argument(
+        "--selection",
+        choices=["activation", "random"],
+        default="activation",
+        help="keep the most important units (default) or random ones (a baseline)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --selection random")
+    p.add_argument(
+        "--calib-samples",
+        type=positive_int,
+        metavar="N",
+        help="calibration sequences to use, the first N (default 1024, or all when fewer)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="cut longer calibration sequences to N tokens (default 1024)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="padded tokens per calibration batch (default 4096)",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render prompt/response rows with the tokenizer's chat template",
+    )
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the model's)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype to run and save in (default float32)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped with the model to run (off by default)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_prune(args) -> int:
+    from .prune import prune_model
+
+    if args.calib is None and args.selection != "random":
+        raise ValueError("--calib is required: activation importance needs calibration data")
+    result = prune_model(
+        args.model,
+        args.calib,
+        args.out,
+        method=args.method,
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        params=args.params,
+        params_scope=args.params_scope,
+        depth_metric=args.depth_metric,
+        selection=args.selection,
+        seed=args.seed,
+        calib_samples=args.calib_samples,
+        max_length=args.max_length,
+        batch_tokens=args.batch_tokens,
+        chat_template=args.chat_template,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    report = result.report
+    teacher, pruned = report["parameters"]["teacher"], report["parameters"]["pruned"]
+    calibration = report["calibration"]
+    if calibration:
+        print(
+            f"calibration: {calibration['samples']:,} sequences, {calibration['tokens']:,} tokens"
+        )
+    print(f"teacher: {_shape_line(report['shapes']['teacher'])}, {teacher['total']:,} parameters")
+    print(
+        f"pruned ({report['method']}): {_shape_line(report['shapes']['pruned'])}, "
+        f"{pruned['total']:,} parameters ({pruned['non_embedding']:,} non-embedding, "
+        f"{report['parameters']['fraction_non_embedding']:.1%} of the teacher's)"
+    )
+    print(f"saved to {result.out}")
+    return EXIT_OK
+
+
+def _shape_line(shape: dict) -> str:
+    return (
+        f"{shape['num_layers']} layers, hidden {shape['hidden_size']}, MLP "
+        f"{shape['intermediate_size']}, {shape['num_heads']}/{shape['num_kv_heads']} heads"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 
 # name -> (add the subparser, run the parsed arguments)
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -452,6 +611,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "export": (add_export, run_export),
     "train": (add_train, run_train),
     "eval": (add_eval, run_eval),
+    "prune": (add_prune, run_prune),
 }
 
 
