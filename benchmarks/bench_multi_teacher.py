@@ -45,16 +45,16 @@ HELDOUT_BUCKETS = 5
 # The size of the experiment: small enough for two CPU cores in well under an hour.
 SETTINGS = {
     "k": 50,  # teacher top-K cached per target
-    "max_length": 256,  # tokens per example
-    "docs_train": 320,
-    "code_train": 320,
-    "heldout": 48,  # records per domain held out
-    "expert_steps": 40,  # SFT steps that make the domain expert
+    "max_length": 192,  # tokens per example
+    "docs_train": 240,
+    "code_train": 240,
+    "heldout": 40,  # records per domain held out
+    "expert_steps": 30,  # SFT steps that make the domain expert
     "expert_lr": 1e-4,
     "student_params": "50%",  # kd prune: share of the teacher's non-embedding parameters kept
     "batch_size": 8,
-    "general_steps": 60,
-    "domain_steps": 40,
+    "general_steps": 40,
+    "domain_steps": 30,
     "general_lr": 5e-4,
     "domain_lr": 2e-4,
     "kd_weight": 1.0,
@@ -227,8 +227,9 @@ def evaluate_all(models: dict[str, Path], data: dict[str, Path], tokenizer_dir: 
     from kd.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
+    length = SETTINGS["max_length"]
     sets = {
-        domain: load_eval_set(str(data[f"{domain}-heldout"]), tokenizer, max_length=256)
+        domain: load_eval_set(str(data[f"{domain}-heldout"]), tokenizer, max_length=length)
         for domain in ("docs", "code")
     }
     out = {}
