@@ -18,7 +18,8 @@ in miniature on two CPU cores, with the commands a user would run:
     ensemble run        (optional) stage "domain" with code from `logitcache ensemble` of both
 
 Held-out cross-entropy (response tokens, nats per token) of each model on each domain is
-measured after every stage, with the teachers' own for reference. Writes
+measured after every stage, with the teachers' own for reference. Independent steps (the two
+general caches; the expert's cache and the pruning; the training runs) run side by side. Writes
 benchmarks/results/multi_teacher.json and .png; the work directory keeps every cache and model.
 
     .venv/bin/python benchmarks/bench_multi_teacher.py [--work /tmp/kd-multi-teacher]
@@ -49,12 +50,13 @@ SETTINGS = {
     "docs_train": 240,
     "code_train": 240,
     "heldout": 40,  # records per domain held out
+    "calibration": 32,  # kd prune: calibration records per domain
     "expert_steps": 30,  # SFT steps that make the domain expert
     "expert_lr": 1e-4,
     "student_params": "50%",  # kd prune: share of the teacher's non-embedding parameters kept
     "batch_size": 8,
-    "general_steps": 40,
-    "domain_steps": 30,
+    "general_steps": 30,
+    "domain_steps": 20,
     "general_lr": 5e-4,
     "domain_lr": 2e-4,
     "kd_weight": 1.0,
@@ -114,7 +116,8 @@ def write_data(work: Path, s: dict) -> dict[str, Path]:
         "code-train": code_rows("train", s["code_train"]),
         "code-heldout": code_rows("heldout", s["heldout"]),
     }
-    sets["calibration"] = sets["docs-train"][:128] + sets["code-train"][:128]
+    n = s["calibration"]
+    sets["calibration"] = sets["docs-train"][:n] + sets["code-train"][:n]
     paths = {}
     for name, rows in sets.items():
         paths[name] = Path(write_jsonl(rows, str(data / f"{name}.jsonl")))
@@ -143,6 +146,34 @@ class Timer:
             raise SystemExit(f"{name} failed (exit {done.returncode})")
         print(done.stdout.strip()[-1500:], flush=True)
         return done.stdout
+
+    def run_together(self, steps: dict[str, list]) -> None:
+        """Independent commands side by side (their wall times overlap)."""
+        if len(steps) < 2:
+            for name, argv in steps.items():
+                self.run(name, argv)
+            return
+        started, procs = time.perf_counter(), {}
+        for name, argv in steps.items():
+            print(f"\n$ {' '.join(map(str, argv))} &", flush=True)
+            procs[name] = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_env(),
+                cwd=REPO,
+            )
+        failed = []
+        for name, proc in procs.items():
+            out, err = proc.communicate()
+            self.seconds[name] = time.perf_counter() - started
+            print(f"[{name}] {out.strip()[-1500:]}", flush=True)
+            if proc.returncode != 0:
+                sys.stderr.write(out[-4000:] + err[-8000:])
+                failed.append(f"{name} (exit {proc.returncode})")
+        if failed:
+            raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 def _env() -> dict[str, str]:
@@ -174,6 +205,7 @@ def train_toml(path: Path, values: dict, stages: list[dict]) -> Path:
         for source in stage.get("sources", []):
             lines += ["", "[[stages.sources]]"]
             lines += [f"{k} = {value(v)}" for k, v in source.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -298,17 +330,20 @@ def main() -> None:
 
     caches: dict[str, Path] = {}
 
-    def cache(name: str, model: Path, rows: Path) -> None:
+    def cache(name: str, model: Path, rows: Path) -> dict[str, list]:
+        """The command that writes cache `name`, unless it is there already."""
         caches[name] = work / "caches" / name
-        if not (caches[name] / "manifest.json").exists():
-            timer.run(
-                f"cache {name}",
-                kd("cache", "--teacher", model, "--data", rows, "--out", caches[name],
-                   "--k", s["k"], "--max-length", s["max_length"], "--no-progress"),
-            )  # fmt: skip
+        if (caches[name] / "manifest.json").exists():
+            return {}
+        return {
+            f"cache {name}": kd("cache", "--teacher", model, "--data", rows, "--out", caches[name],
+                                "--k", s["k"], "--max-length", s["max_length"], "--no-progress"),
+        }  # fmt: skip
 
-    cache("docs-general", teacher, data["docs-train"])
-    cache("code-general", teacher, data["code-train"])
+    timer.run_together(
+        cache("docs-general", teacher, data["docs-train"])
+        | cache("code-general", teacher, data["code-train"])
+    )
 
     # The domain expert: the general teacher after a short plain-SFT run on the code records.
     expert_run = work / "expert-run"
@@ -322,7 +357,14 @@ def main() -> None:
                f"batch_size={s['batch_size']}", "num_workers=1", "log_every=10",
                "keep_checkpoints=1", "overwrite=true", "--quiet"),
         )  # fmt: skip
-    cache("code-expert", expert, data["code-train"])
+    student = work / "student"
+    prune = {}
+    if not (student / "config.json").exists():
+        prune["prune student"] = kd(
+            "prune", "--model", teacher, "--calib", data["calibration"], "--out", student,
+            "--params", s["student_params"], "--params-scope", "non-embedding", "--quiet",
+        )  # fmt: skip
+    timer.run_together(cache("code-expert", expert, data["code-train"]) | prune)
 
     runs = {
         "two-teacher": {"color": "tab:red"},
@@ -338,26 +380,19 @@ def main() -> None:
             )  # fmt: skip
         runs["ensemble"] = {"color": "tab:green"}
 
-    student = work / "student"
-    if not (student / "config.json").exists():
-        timer.run(
-            "prune student",
-            kd("prune", "--model", teacher, "--calib", data["calibration"], "--out", student,
-               "--params", s["student_params"], "--params-scope", "non-embedding"),
-        )  # fmt: skip
-
     code_teacher = {
         "two-teacher": "code-expert",
         "single-teacher": "code-general",
         "ensemble": "code-ensemble",
     }
-    run_dirs = {}
+    run_dirs, trainings = {}, {}
     for run in runs:
         out = work / "runs" / run
         run_dirs[run] = out
         if not (out / "summary.json").exists():
             config = run_config(s, student, out, caches, code_teacher[run])
-            timer.run(f"train {run}", kd("train", "--config", config, "overwrite=true", "--quiet"))
+            trainings[f"train {run}"] = kd("train", "--config", config, "overwrite=true", "--quiet")
+    timer.run_together(trainings)  # the runs are independent: side by side
 
     models = {"teacher": teacher, "expert": expert, "student": student}
     for run, out in run_dirs.items():
@@ -377,6 +412,10 @@ def main() -> None:
     results = {
         "settings": s,
         "data": {name: len(p.read_text().splitlines()) for name, p in data.items()},
+        "student": {  # what kd prune made
+            key: json.loads((student / "prune_report.json").read_text())[key]
+            for key in ("shapes", "parameters")
+        },
         "eval": evals,
         "runs": runs,
         "train": {
