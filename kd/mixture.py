@@ -451,9 +451,15 @@ class MixtureStream:
 
     # -- progress ------------------------------------------------------------------------
     def source_draws(self) -> list[int]:
-        """Records taken from each source so far, over this rank's workers."""
+        """Records taken from each source so far, over this rank's workers: the draws before
+        the group being handed out plus the records of its micro-batches already taken."""
         draws, _, _ = self._position()
-        return [sum(d[i] for d in draws) for i in range(len(self.dataset.sources))]
+        taken = [sum(d[i] for d in draws) for i in range(len(self.dataset.sources))]
+        if self._before is not None and self._taken < len(self._pending):
+            for batch in self._pending[: self._taken]:
+                for source in batch["record_source"].tolist():
+                    taken[source] += 1
+        return taken
 
     @property
     def epoch(self) -> int:

@@ -135,6 +135,10 @@ def batch_ids(batch) -> tuple:
     return tuple(zip(batch["sample_ids"], batch["record_source"].tolist(), strict=True))
 
 
+def served_per_source(batches) -> list[int]:
+    return [sum(source == s for batch in batches for _, source in batch) for s in (0, 1)]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_anywhere_reproduces_the_stream(kd_inputs, domain, workers):
     stream = make_stream(kd_inputs, domain, workers)
@@ -142,9 +146,11 @@ def test_resuming_anywhere_reproduces_the_stream(kd_inputs, domain, workers):
     reference = [batch_ids(next(stream)) for _ in range(total)]
     passes = stream.passes()
     assert passes[1] > 1.0  # the domain source went round more than once
+    assert stream.source_draws() == served_per_source(reference)
     for cut in (1, 5, 8, 23, 41):
         stream = make_stream(kd_inputs, domain, workers)
         got = [batch_ids(next(stream)) for _ in range(cut)]
+        assert stream.source_draws() == served_per_source(got)  # also inside a group
         state = json.loads(json.dumps(stream.state_dict()))  # JSON-able: it goes in checkpoints
         resumed = make_stream(kd_inputs, domain, workers)
         resumed.load_state_dict(state)
