@@ -282,9 +282,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ev = results["eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=120)
     points = ["pruned student", "after general", "after domain"]
-    for ax, domain in zip(axes, ("docs", "code"), strict=True):
+    for ax, domain in zip(axes[:2], ("docs", "code"), strict=True):
         for run, style in results["runs"].items():
             ys = [
                 ev["student"][domain]["ce"],
@@ -299,6 +299,18 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
+    # The end of the domain stage, where the runs differ, on a scale that shows it.
+    ax, width = axes[2], 0.8 / len(results["runs"])
+    for i, (run, style) in enumerate(results["runs"].items()):
+        ys = [ev[f"{run}/domain"][d]["ce"] for d in ("docs", "code")]
+        ax.bar([x + i * width for x in (0, 1)], ys, width, label=f"{run} run", **style)
+    ax.set_xticks([0.4 - width / 2, 1.4 - width / 2], ["docs", "code"])
+    low = min(ev[f"{run}/domain"][d]["ce"] for run in results["runs"] for d in ("docs", "code"))
+    high = max(ev[f"{run}/domain"][d]["ce"] for run in results["runs"] for d in ("docs", "code"))
+    ax.set_ylim(low - 0.1, high + 0.05)
+    ax.set_title("after stage domain: held-out CE (axis cut)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
