@@ -137,6 +137,10 @@ class MicroBatchStream:
             return {"loader": self.loader.state_dict(), "group": self._group + 1, "taken": 0}
         return {"loader": self._before, "group": self._group, "taken": self._taken}
 
+    def close(self) -> None:
+        """Stop the loader's workers: the stream is not read again (a stage has ended)."""
+        self._iter = None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
         self._iter, self._pending = None, []

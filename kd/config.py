@@ -41,6 +41,8 @@ def _key(meaning: str, default: Any, **extra: Any) -> Any:
     metadata = {"help": meaning, **extra}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -59,9 +61,19 @@ class TrainConfig:
     )
     tokenizer: str = _key("tokenizer directory (default: the student's own)", "")
     cache: str = _key(
-        "the training logit cache: a local directory or an fsspec URL (s3://bucket/prefix)",
+        "the training logit cache: a local directory or an fsspec URL (s3://bucket/prefix); "
+        "required unless sources or stages give the data",
         "",
-        required=True,
+    )
+    sources: list = _key(
+        "a mixture of caches instead of one cache: a list of tables {cache, weight, name, and "
+        "optionally the loss keys mode, kd_weight, sft_weight, temperature, scale_by_t2, beta, k}",
+        [],
+    )
+    stages: list = _key(
+        "stages run in sequence: a list of tables {name, max_steps or epochs, and optionally "
+        "cache or sources, lr, lr_schedule, warmup_steps, min_lr_ratio and the loss keys}",
+        [],
     )
     storage_options: dict = _key(
         "fsspec options for remote caches and eval data (a TOML table; JSON on the command line)",
@@ -235,7 +247,9 @@ def _known(name: str, where: str) -> None:
 
 
 def _kind(name: str) -> type:
-    return {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[KEYS[name].type]
+    return {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[
+        KEYS[name].type
+    ]
 
 
 def _from_toml(name: str, value: Any, where: str) -> Any:
@@ -265,6 +279,17 @@ def _from_text(name: str, text: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key {name!r} must be a table, e.g. {name}='{{\"a\": 1}}'")
         return value
+    if kind is list:
+        try:
+            value = json.loads(text) if text else []
+        except json.JSONDecodeError:
+            value = _toml_value(text, name, where)
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{where}: key {name!r} must be a list of tables, e.g. "
+                f'{name}=\'[{{"cache": "a", "weight": 0.8}}]\''
+            )
+        return value
     if kind is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes", "on"):
@@ -289,6 +314,7 @@ def _kind_name(kind: type) -> str:
         float: "a number",
         bool: "true or false",
         dict: "a table",
+        list: "a list of tables",
     }[kind]
 
 
@@ -298,6 +324,25 @@ def _kind_name(kind: type) -> str:
 
 def validate(config: TrainConfig) -> None:
     """Raise ConfigError for a configuration that cannot run, naming the key and the fix."""
+    validate_values(config)
+    if not (config.cache or config.sources or config.stages):
+        raise ConfigError(
+            "key 'cache' is required: the training logit cache (or sources = a mixture of "
+            "caches, or stages)"
+        )
+    if config.sources or config.stages:
+        from .stages import PlanError, plan_stages
+
+        try:
+            plan_stages(config)  # every stage and source table, checked before anything runs
+        except PlanError as exc:
+            raise ConfigError(str(exc)) from None
+    if not config.stages and config.max_steps == 0 and config.epochs == 0:
+        raise ConfigError("set max_steps (optimizer steps) or epochs (passes over the cache)")
+
+
+def validate_values(config: TrainConfig) -> None:
+    """The checks of every key's own value and of keys against each other (not the data)."""
     for name, f in KEYS.items():
         value = getattr(config, name)
         if f.metadata.get("required") and not value:
@@ -353,8 +398,6 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"key {name!r} is {value}; it must be in [0, 1]")
     if config.kd_weight == 0 and config.sft_weight == 0:
         raise ConfigError("kd_weight and sft_weight are both 0: there is nothing to learn")
-    if config.max_steps == 0 and config.epochs == 0:
-        raise ConfigError("set max_steps (optimizer steps) or epochs (passes over the cache)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,6 +92,28 @@ def plot_losses(output_dir: str, *, title: str = "") -> str | None:
     line(train, "ce", "train CE", color="tab:orange", linewidth=1, alpha=0.8)
     line(evals, "eval_kd", "eval KL to teacher", color="tab:blue", marker="o", linestyle="--")
     line(evals, "eval_ce", "eval CE", color="tab:orange", marker="o", linestyle="--")
+    # A mixture's sources (dotted CE per source) and where each stage begins.
+    names = sorted({name for r in train for name in r.get("sources") or {}})
+    for name in names:
+        points = [
+            (r["step"], r["sources"][name]["ce"])
+            for r in train
+            if (r.get("sources") or {}).get(name, {}).get("ce") is not None
+        ]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=f"train CE, {name}", linestyle=":")
+    starts = [b for a, b in zip(train, train[1:], strict=False) if a.get("stage") != b.get("stage")]
+    for r in train[:1] + starts:
+        if r.get("stage"):
+            ax.axvline(r["step"] - 0.5, color="grey", linewidth=0.8, alpha=0.6)
+            ax.annotate(
+                r["stage"],
+                (r["step"], 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                va="top",
+                color="grey",
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats per target token")
     ax.set_title(title or os.path.basename(os.path.abspath(output_dir)))
@@ -116,11 +138,14 @@ def write_summary(output_dir: str, summary: dict[str, Any]) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A few lines for the terminal at the end of a run."""
+    kd = summary["kd"]
     lines = [
         f"trained {summary['steps']} steps ({summary['records']:,} records, "
         f"{summary['tokens']:,} tokens) in {summary['elapsed_s']:.0f}s "
         f"({summary['tokens_per_s']:,.0f} tokens/s)",
-        f"final train loss {summary['loss']:.4f} (KD {summary['kd']:.4f}, CE {summary['ce']:.4f})",
+        f"final train loss {summary['loss']:.4f} ("
+        + (f"KD {kd:.4f}, " if kd is not None else "SFT only, ")
+        + f"CE {summary['ce']:.4f})",
     ]
     last_eval = summary.get("eval")
     if last_eval:
@@ -130,5 +155,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{last_eval['eval_accuracy']:.4f}"
             + (f", KL to teacher {kl:.4f}" if kl is not None else "")
         )
+    for name, stage in (summary.get("stages") or {}).items():
+        lines.append(f"stage {name!r} (to step {stage['steps']}): {stage['model_dir']}")
     lines.append(f"model: {summary['model_dir']}")
     return "\n".join(lines)

@@ -13,6 +13,8 @@ number of ranks change nothing but speed. The counts are all-reduced before the 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import random
@@ -25,7 +27,11 @@ import numpy as np
 import torch
 
 from logitcache.format import CacheError
-from logitcache.loader import LogitCacheDataset, LogitCacheLoader
+from logitcache.loader import (
+    DEFAULT_SHUFFLE_WINDOW_BYTES,
+    LogitCacheDataset,
+    LogitCacheLoader,
+)
 
 from . import checkpoint as ckpt
 from .batching import GroupCollator, MicroBatchStream, micro_batches_per_epoch
@@ -51,11 +57,15 @@ from .metrics import (
     plot_losses,
     write_summary,
 )
+from .mixture import MixtureCollator, MixtureDataset, MixtureStream
 from .packing import check_packing_support
+from .source_loss import SourcesLoss, SourceSums, StepCounts, step_counts
+from .stages import Source, Stage, comparable, plan_stages
 from .student import Student, StudentWithHead, check_against_cache, load_student
 
 RUN_CONFIG = "run.toml"
 MODEL_DIR = "model"
+STAGES_DIR = "stages"  # the model at the end of each stage, by stage name
 # Keys that may change when a run is resumed: they do not touch the model, data order or math.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -114,54 +124,41 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
     out = config.output_dir
     resumed = prepare_output_dir(config, resume, ranks)
     seed_everything(config.seed)
+    stages = plan_stages(config)  # one stage unless the config lists stages
 
-    # -- 1. The cache, the student and the held-out data, checked against each other -----------
-    dataset = open_dataset(config)
-    manifest = dataset.cache.manifest
+    # -- 1. The caches, the student and the held-out data, checked against each other -----------
+    datasets = [
+        [open_source_dataset(stage, source) for source in stage.sources] for stage in stages
+    ]
     student = load_student(
         resumed.path if resumed else config.student,
         init="pretrained" if resumed else config.student_init,
         tokenizer="" if resumed else config.tokenizer,
         seed=config.seed,
     )
-    vocab_size = check_against_cache(
-        manifest,
-        student,
-        vocab_size=config.vocab_size,
-        ignore_tokenizer_mismatch=config.ignore_tokenizer_mismatch,
-        ignore_vocab_mismatch=config.ignore_vocab_mismatch,
-        where=f"cache {config.cache}",
+    vocab_size = max(
+        check_against_cache(
+            dataset.cache.manifest,
+            student,
+            vocab_size=config.vocab_size,
+            ignore_tokenizer_mismatch=config.ignore_tokenizer_mismatch,
+            ignore_vocab_mismatch=config.ignore_vocab_mismatch,
+            where=source_label(stage, source),
+        )
+        for stage, stage_datasets in zip(stages, datasets, strict=True)
+        for source, dataset in zip(stage.sources, stage_datasets, strict=True)
     )
     eval_set = open_eval_set(config, student) if config.eval_data else None
     if config.packing:
         check_packing_support(student.model, vocab_rows=vocab_size)
 
-    # -- 2. Micro-batches: length-grouped groups from the loader's workers -----------------------
-    uses_teacher = config.kd_weight > 0  # plain SFT never touches the teacher columns
-    group_records = config.batch_size * (config.group_batches if config.group_by_length else 1)
-    loader = LogitCacheLoader(
-        dataset,
-        group_records,
-        num_workers=config.num_workers,
-        pin_memory=ranks.device.type == "cuda",
-        collate_fn=GroupCollator(
-            config.batch_size,
-            positions=manifest.positions,
-            group_by_length=config.group_by_length,
-            teacher=uses_teacher,
-            packing=config.packing,
-            pack_length=config.pack_length,
-            pad_token_id=pad_token_id(student),
-        ),
-        **({"prefetch_factor": config.prefetch_factor} if config.num_workers else {}),
+    # -- 2. How many optimizer steps each stage takes ---------------------------------------------
+    ends = list(
+        itertools.accumulate(stage_steps(s, d) for s, d in zip(stages, datasets, strict=True))
     )
-    stream = MicroBatchStream(loader, seed=config.seed, shuffle_groups=config.group_by_length)
-    per_epoch = micro_batches_per_epoch(
-        dataset, config.num_workers, config.batch_size, group_records
-    )
-    max_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+    starts, max_steps = [0, *ends[:-1]], ends[-1]
 
-    # -- 3. The model on its device, wrapped; optimizer and learning-rate schedule -------------
+    # -- 3. The model on its device, wrapped; optimizer -------------------------------------------
     device = ranks.device
     autocast_dtype = autocast_dtype_for(config, device)
     student.model.to(device)
@@ -177,13 +174,13 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
     if config.distributed == "fsdp" and ranks.distributed:
         autocast_dtype = None  # FSDP2's mixed-precision policy casts instead
     optimizer = build_optimizer(wrapped, config)
-    scheduler = build_scheduler(optimizer, config, max_steps)
 
     step, totals = 0, {"tokens": 0, "records": 0, "elapsed_s": 0.0}
+    stream = None  # the current stage's micro-batches
     if resumed:
+        for group in optimizer.param_groups:  # saved groups carry the scheduler's key
+            group.setdefault("initial_lr", group["lr"])
         ckpt.restore_optimizer(wrapped, optimizer, resumed.optimizer)
-        scheduler.load_state_dict(resumed.scheduler)
-        stream.load_state_dict(resumed.rank(ranks.rank)["stream"])
         ckpt.restore_rank_rng(resumed, ranks.rank)
         step = resumed.step
         totals = {k: resumed.state["totals"][k] for k in totals}
@@ -193,6 +190,10 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
     if ranks.is_main:
         write_config(config, os.path.join(out, RUN_CONFIG))
     metrics = MetricsLog(out, enabled=ranks.is_main, resume_step=step if resumed else None)
+    staged = bool(config.stages)  # stage names go into the metrics and checkpoints
+
+    def stage_at(at_step: int) -> Stage:
+        return stages[min(bisect.bisect_left(ends, at_step), len(stages) - 1)]
 
     def run_eval(at_step: int) -> dict[str, Any]:
         result = evaluate(
@@ -209,6 +210,7 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
         record = {
             "kind": "eval",
             "step": at_step,
+            **({"stage": stage_at(at_step).name} if staged else {}),
             "eval_ce": result.ce,
             "eval_kd": result.kl,
             "eval_accuracy": result.accuracy,
@@ -218,6 +220,7 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
         return record
 
     def save(at_step: int) -> ckpt.SavedCheckpoint:
+        stage = stage_at(at_step)
         return ckpt.save_checkpoint(
             out,
             at_step,
@@ -225,17 +228,24 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
             student=student,
             optimizer=optimizer,
             scheduler=scheduler,
-            rank_state={"stream": stream.state_dict()},
+            rank_state={
+                "stream": stream.state_dict() if stream else resumed.rank(ranks.rank)["stream"]
+            },
             trainer_state={
                 "totals": totals,
                 "world_size": ranks.world_size,
                 "config": to_dict(config),
+                "stage": {
+                    "index": stage.index,
+                    "name": stage.name,
+                    "step": at_step - starts[stage.index],
+                },
             },
             ranks=ranks,
             keep=config.keep_checkpoints,
         )
 
-    # -- 4. The loop -----------------------------------------------------------------------------
+    # -- 4. The loop: stage by stage, optimizer step by optimizer step ----------------------------
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -249,75 +259,118 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
     last_eval = None
     if eval_set is not None and config.eval_at_start and step == 0:
         last_eval = run_eval(0)
-    window = StepWindow()
     saved = None
-    tick = time.perf_counter()
-    while step < max_steps:
-        micro_batches = [next(stream) for _ in range(config.grad_accum)]
-        counts = all_reduce_sum(
-            [
-                sum(int((b["labels"] != -100).sum()) for b in micro_batches),
-                sum(int(b["kd_ids"].shape[0]) for b in micro_batches),
-                sum(int(b["num_tokens"]) for b in micro_batches),
-                sum(int(b["input_ids"].numel()) for b in micro_batches),
-                sum(int(b["segments"].shape[0]) for b in micro_batches),
-            ],
-            ranks,
-        )
-        targets, teacher_rows, tokens, slots, records = (int(c) for c in counts)
-        loss_head = StepLoss(config, vocab_size, targets, teacher_rows, ranks.world_size)
+    scheduler = None
+    if resumed and step >= max_steps:  # nothing left to run: the end re-saves the state read
+        scheduler = stage_scheduler(optimizer, stages[-1].config, max_steps - starts[-1])
+        scheduler.load_state_dict(resumed.scheduler)
+    for stage, end in zip(stages, ends, strict=True):
+        if step >= end:
+            continue  # finished before the checkpoint this run resumed from
+        first, sources = starts[stage.index], stage.sources
+        stream = build_stream(stage, datasets[stage.index], ranks, student)
+        scheduler = stage_scheduler(optimizer, stage.config, end - first)
+        if resumed and step > first:  # the checkpoint lies inside this stage
+            scheduler.load_state_dict(resumed.scheduler)
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+            stream.load_state_dict(resumed.rank(ranks.rank)["stream"])
+        if staged:
+            bar.set_description(f"train {stage.name}")
+        window = StepWindow()
+        per_source = SourceSums([s.name for s in sources]) if stage.mixture else None
+        tick = time.perf_counter()
+        while step < end:
+            micro_batches = [next(stream) for _ in range(config.grad_accum)]
+            counts = StepCounts.from_list(
+                all_reduce_sum(step_counts(micro_batches, len(sources)), ranks), len(sources)
+            )
+            targets = counts.total_targets
+            # Each source's rows are scored with its own settings, all normalised by the
+            # step's target tokens (kd.source_loss); one source is the plain StepLoss.
+            loss_head = SourcesLoss(
+                [
+                    StepLoss(s.config, vocab_size, targets, targets, ranks.world_size)
+                    for s in sources
+                ]
+            )
 
-        optimizer.zero_grad(set_to_none=True)
-        kd_sum = ce_sum = 0.0
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, device)
-            with gradient_sync(wrapped, enabled=i == len(micro_batches) - 1):
-                with autocast(device, autocast_dtype):
-                    loss = wrapped(batch, loss_head)
-                loss.total.backward()
-            kd_sum += float(loss.kd)
-            ce_sum += float(loss.ce)
-        grad_norm = clip_grad_norm(wrapped.parameters(), config.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step += 1
+            optimizer.zero_grad(set_to_none=True)
+            kd_sums, ce_sums = [0.0] * len(sources), [0.0] * len(sources)
+            for i, batch in enumerate(micro_batches):
+                batch = to_device(batch, device)
+                with gradient_sync(wrapped, enabled=i == len(micro_batches) - 1):
+                    with autocast(device, autocast_dtype):
+                        loss = wrapped(batch, loss_head)
+                    loss.total.backward()
+                for s in range(len(sources)):
+                    kd_sums[s] += loss.kd[s]
+                    ce_sums[s] += loss.ce[s]
+            grad_norm = clip_grad_norm(wrapped.parameters(), config.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
 
-        kd_sum, ce_sum = all_reduce_sum([kd_sum, ce_sum], ranks)
-        kd = kd_sum / teacher_rows if uses_teacher and teacher_rows else None
-        ce = ce_sum / targets if targets else 0.0
-        now = time.perf_counter()
-        totals["elapsed_s"] += now - tick
-        totals["tokens"] += tokens
-        totals["records"] += records
-        window.add(
-            loss=config.kd_weight * (kd or 0.0) + config.sft_weight * ce,
-            kd=kd,
-            ce=ce,
-            tokens=tokens,
-            slots=slots,
-            seconds=now - tick,
-        )
-        tick = now
-        if step % config.log_every == 0 or step == max_steps:
-            record = {
-                "kind": "train",
-                "step": step,
-                "epoch": stream.epoch,
-                **window.means(),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_seen": totals["tokens"],
-            }
-            metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window = StepWindow()
-        bar.update(1)
-        if eval_set is not None and config.eval_every and step % config.eval_every == 0:
-            last_eval = run_eval(step)
-        if config.save_every and step % config.save_every == 0:
-            saved = save(step)
-        tick = time.perf_counter()  # eval and checkpoints are not training time
+            sums = all_reduce_sum(kd_sums + ce_sums, ranks)
+            kd_sums, ce_sums = sums[: len(sources)], sums[len(sources) :]
+            rows = sum(counts.rows)
+            kd = sum(kd_sums) / rows if rows else None
+            ce = sum(ce_sums) / targets if targets else 0.0
+            step_loss = sum(
+                s.config.kd_weight * (kd_sums[i] / targets)
+                + s.config.sft_weight * (ce_sums[i] / targets)
+                for i, s in enumerate(sources)
+                if targets
+            )
+            now = time.perf_counter()
+            totals["elapsed_s"] += now - tick
+            totals["tokens"] += counts.tokens
+            totals["records"] += sum(counts.records)
+            window.add(
+                loss=step_loss,
+                kd=kd,
+                ce=ce,
+                tokens=counts.tokens,
+                slots=counts.slots,
+                seconds=now - tick,
+            )
+            if per_source is not None:
+                per_source.add(kd_sums, ce_sums, counts)
+            tick = now
+            if step % config.log_every == 0 or step == end:
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    **({"stage": stage.name} if staged else {}),
+                    "epoch": stream.epoch,
+                    **window.means(),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_seen": totals["tokens"],
+                }
+                if per_source is not None:
+                    record["sources"] = per_source.means(stream.passes())
+                    per_source = SourceSums([s.name for s in sources])
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window = StepWindow()
+            bar.update(1)
+            if eval_set is not None and config.eval_every and step % config.eval_every == 0:
+                last_eval = run_eval(step)
+            if config.save_every and step % config.save_every == 0:
+                saved = save(step)
+            tick = time.perf_counter()  # eval and checkpoints are not training time
+
+        if staged:  # the end of a stage: its eval, checkpoint and model
+            if eval_set is not None and (last_eval is None or last_eval["step"] != step):
+                last_eval = run_eval(step)
+            if saved is None or saved.step != step:
+                saved = save(step)
+            if ranks.is_main:
+                ckpt.export_model(saved.path, os.path.join(out, STAGES_DIR, stage.name))
+        if step < max_steps:
+            stream.close()
     bar.close()
 
     # -- 5. The end: final eval and checkpoint, the model directory, plot and summary -----------
@@ -345,6 +398,11 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
             "checkpoint": saved.path,
             "world_size": ranks.world_size,
         }
+        if staged:
+            summary["stages"] = {
+                s.name: {"steps": ends[s.index], "model_dir": os.path.join(out, STAGES_DIR, s.name)}
+                for s in stages
+            }
         write_summary(out, summary)
         if config.plot:
             plot_losses(out)
@@ -461,10 +519,16 @@ def pad_token_id(student: Student) -> int:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, dict):  # a mixture's per-source teacher rows
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def open_dataset(config: TrainConfig) -> LogitCacheDataset:
@@ -486,6 +550,132 @@ def open_dataset(config: TrainConfig) -> LogitCacheDataset:
     if config.k and config.k > cache.manifest.k:
         raise ValueError(f"k = {config.k}, but the cache holds the top {cache.manifest.k} only")
     return dataset
+
+
+def open_source_dataset(stage: Stage, source: Source) -> LogitCacheDataset:
+    """The cache of one source of a stage, opened now so a missing cache fails before anything.
+
+    Sources of a mixture share the single-cache shuffle window's memory between them."""
+    if not stage.mixture:
+        try:
+            return open_dataset(source.config)
+        except ValueError as exc:
+            if not stage.name:
+                raise
+            raise ValueError(f"{stage.label} {exc}") from None
+    config = source.config
+    dataset = LogitCacheDataset(
+        config.cache,
+        storage_options=config.storage_options or None,
+        cache_dir=config.cache_dir or None,
+        k=config.k or None,
+        shuffle=config.shuffle,
+        seed=config.seed,
+        shuffle_window_bytes=DEFAULT_SHUFFLE_WINDOW_BYTES // len(stage.sources),
+    )
+    where = source_label(stage, source)
+    try:
+        cache = dataset.cache
+    except CacheError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if len(cache) == 0:
+        raise ValueError(f"{where}: holds no records")
+    if config.k and config.k > cache.manifest.k:
+        raise ValueError(
+            f"{where}: k = {config.k}, but the cache holds the top {cache.manifest.k} only"
+        )
+    return dataset
+
+
+def source_label(stage: Stage, source: Source) -> str:
+    """How errors name a cache: as `cache URL` in a plain run, with its stage and source else."""
+    if not stage.mixture and not stage.name:
+        return f"cache {source.cache}"
+    named = (
+        f"source {source.name!r} (cache {source.cache})"
+        if stage.mixture
+        else (f"cache {source.cache}")
+    )
+    return f"{stage.label} {named}" if stage.name else named
+
+
+def stage_steps(stage: Stage, datasets: list[LogitCacheDataset]) -> int:
+    """Optimizer steps of a stage: its max_steps, or its epochs over its data."""
+    config = stage.config
+    if config.max_steps:
+        return config.max_steps
+    if stage.mixture:
+        records = sum(len(d) for d in datasets)
+        per_epoch = math.ceil(records / config.batch_size)
+    else:
+        group_records = config.batch_size * (config.group_batches if config.group_by_length else 1)
+        per_epoch = micro_batches_per_epoch(
+            datasets[0], config.num_workers, config.batch_size, group_records
+        )
+    return max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+
+
+def build_stream(
+    stage: Stage, datasets: list[LogitCacheDataset], ranks: Ranks, student: Student
+) -> MicroBatchStream | MixtureStream:
+    """The stage's micro-batches: length-grouped groups from the loader's workers.
+
+    One cache: LogitCacheLoader + MicroBatchStream. A mixture: MixtureStream, whose workers
+    draw each group's records from the sources in proportion (kd.mixture)."""
+    config = stage.config
+    group_records = config.batch_size * (config.group_batches if config.group_by_length else 1)
+    layout = dict(
+        group_by_length=config.group_by_length,
+        packing=config.packing,
+        pack_length=config.pack_length,
+        pad_token_id=pad_token_id(student),
+    )
+    pin_memory = ranks.device.type == "cuda"
+    if stage.mixture:
+        collate = MixtureCollator(
+            config.batch_size,
+            positions=[d.positions for d in datasets],
+            teacher=[s.config.kd_weight > 0 for s in stage.sources],
+            **layout,
+        )
+        mixture = MixtureDataset(
+            datasets,
+            [s.weight for s in stage.sources],
+            [s.name for s in stage.sources],
+            seed=config.seed,
+            group_records=group_records,
+            collate=collate,
+            shuffle_groups=config.group_by_length,
+        )
+        return MixtureStream(
+            mixture,
+            num_workers=config.num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=config.prefetch_factor,
+        )
+    dataset = datasets[0]
+    loader = LogitCacheLoader(
+        dataset,
+        group_records,
+        num_workers=config.num_workers,
+        pin_memory=pin_memory,
+        collate_fn=GroupCollator(
+            config.batch_size,
+            positions=dataset.cache.manifest.positions,
+            teacher=stage.sources[0].config.kd_weight > 0,  # plain SFT never reads the teacher
+            **layout,
+        ),
+        **({"prefetch_factor": config.prefetch_factor} if config.num_workers else {}),
+    )
+    return MicroBatchStream(loader, seed=config.seed, shuffle_groups=config.group_by_length)
+
+
+def stage_scheduler(optimizer, config: TrainConfig, steps: int):
+    """The learning-rate schedule of one stage: warmup and decay over its own steps, from its
+    own lr (the optimizer's moments carry over from the stage before)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+    return build_scheduler(optimizer, config, steps)
 
 
 def open_eval_set(config: TrainConfig, student: Student) -> EvalSet:
@@ -553,7 +743,15 @@ def prepare_output_dir(
             ckpt.clean_staging(out)
         barrier(ranks)
         return loaded
-    ours = [RUN_CONFIG, METRICS_FILE, ckpt.CHECKPOINTS, MODEL_DIR, PLOT_FILE, SUMMARY_FILE]
+    ours = [
+        RUN_CONFIG,
+        METRICS_FILE,
+        ckpt.CHECKPOINTS,
+        MODEL_DIR,
+        STAGES_DIR,
+        PLOT_FILE,
+        SUMMARY_FILE,
+    ]
     present = [name for name in ours if os.path.exists(os.path.join(out, name))]
     if present and not config.overwrite:
         raise ValueError(
@@ -576,10 +774,16 @@ def prepare_output_dir(
 def check_resume_config(config: TrainConfig, saved: dict[str, Any], path: str) -> None:
     """A resumed run must compute what the interrupted one would have: same keys that matter."""
     current = to_dict(config)
+
+    def same(key: str) -> bool:
+        if key in ("sources", "stages"):  # cache URLs may move, as the flat `cache` key may
+            return comparable(saved[key]) == comparable(current[key])
+        return saved[key] == current[key]
+
     changed = [
         f"{key} ({saved[key]!r} -> {current[key]!r})"
         for key in current
-        if key in saved and key not in RESUMABLE_CHANGES and saved[key] != current[key]
+        if key in saved and key not in RESUMABLE_CHANGES and not same(key)
     ]
     if changed:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""The `logitcache` command line: inspect, verify, convert and merge caches.
+"""The `logitcache` command line: inspect, verify, convert, merge and ensemble caches.
 
 This module only parses arguments and calls library functions. Exit status: 0 ok, 1 a problem
 was found (or an error stopped the command), 2 a usage error.
@@ -66,6 +66,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
     return value
+
+
+def _weights(text: str) -> list[float]:
+    """Comma-separated positive numbers, e.g. 0.7,0.3."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of numbers like 0.7,0.3"
+        ) from None
+    if any(not 0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be a finite number > 0")
+    return values
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
@@ -269,6 +282,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the merged manifest's totals as JSON")
     _add_store_options(p)
+
+    p = sub.add_parser(
+        "ensemble",
+        help="combine caches of several teachers over the same records into one mixture cache",
+        description="Write DST, a cache whose rows are the top-K of the weighted mixture "
+        "sum_j w_j p_j of the teachers' distributions cached at SRC1, SRC2, ... (probabilities "
+        "mixed, not logprobs averaged). The sources must hold the same records in the same "
+        "order (checked record by record) and the same tokenizer. Each teacher's mass outside "
+        "its top-K is unknown: with --tail lower (default) it counts as 0, so every stored "
+        "logprob is a lower bound of the mixture's, exact where every teacher listed the id; "
+        "with --tail uniform it is spread evenly over the ids the teacher did not list.",
+    )
+    p.add_argument("paths", nargs="+", metavar="SRC ... DST", help="source caches, then DST")
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W1,W2,...",
+        help="one weight per source, normalised to sum to 1 (default: equal)",
+    )
+    p.add_argument(
+        "--k", type=_positive_int, metavar="K", help="ids per row (default: the largest K)"
+    )
+    p.add_argument(
+        "--tail",
+        choices=["lower", "uniform"],
+        default="lower",
+        help="how the mass outside each teacher's top-K counts (default lower: a bound)",
+    )
+    p.add_argument("--teacher", metavar="NAME", help="teacher name to record in the manifest")
+    p.add_argument(
+        "--skip-tokenizer-check",
+        action="store_true",
+        help="combine caches that record no tokenizer fingerprint (ids are assumed to agree)",
+    )
+    p.add_argument(
+        "--codecs", type=_json_object, metavar="JSON", help="codec pipelines per column (JSON)"
+    )
+    p.add_argument(
+        "--chunk-bytes", type=_size, metavar="SIZE", help="target raw bytes per chunk (e.g. 2M)"
+    )
+    p.add_argument(
+        "--shard-bytes", type=_size, metavar="SIZE", help="target bytes per shard (e.g. 256M)"
+    )
+    p.add_argument(
+        "--dst-storage-options",
+        type=_json_object,
+        metavar="JSON",
+        help="storage options for DST when they differ from --storage-options",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST atomically")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_store_options(p)
     return parser
 
 
@@ -400,11 +466,53 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
+def cmd_ensemble(args) -> int:
+    from dataclasses import asdict
+
+    from .ensemble import ensemble_caches
+
+    if len(args.paths) < 3:
+        raise ValueError("give at least two source caches and the destination: SRC1 SRC2 DST")
+    *sources, dst = args.paths
+    result = ensemble_caches(
+        sources,
+        dst,
+        weights=args.weights,
+        k=args.k,
+        tail=args.tail,
+        teacher=args.teacher,
+        check_tokenizers=not args.skip_tokenizer_check,
+        codecs=args.codecs,
+        chunk_bytes=args.chunk_bytes,
+        shard_bytes=args.shard_bytes,
+        storage_options=args.storage_options,
+        dst_storage_options=args.dst_storage_options,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    if args.json:
+        print(json.dumps(asdict(result), indent=1))
+        return EXIT_OK
+    weights = ", ".join(f"{w:.3g}" for w in result.weights)
+    print(
+        f"wrote {result.records:,} records ({result.targets:,} target rows, K={result.k}) to "
+        f"{dst}: the mixture of {len(sources)} teachers with weights {weights}"
+    )
+    if result.tail == "lower":
+        print(
+            f"stored probabilities are lower bounds: {result.exact_share:.1%} of entries exact "
+            f"(listed by every teacher); largest possible understatement {result.max_gap:.3g}, "
+            f"mean {result.mean_gap:.3g}"
+        )
+    return EXIT_OK
+
+
 COMMANDS = {
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "convert": cmd_convert,
     "merge": cmd_merge,
+    "ensemble": cmd_ensemble,
 }
 
 

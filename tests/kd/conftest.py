@@ -144,3 +144,27 @@ def kd_inputs(tmp_path_factory, tiny_tokenizer):
     from .kd_helpers import make_kd_inputs
 
     return make_kd_inputs(tmp_path_factory.mktemp("kd-inputs"), tiny_tokenizer)
+
+
+DOMAIN_ROWS = 40
+
+
+@pytest.fixture(scope="session")
+def domain(tmp_path_factory, kd_inputs):
+    """A second source for mixtures and stages: 40 other records cached by the kd_inputs
+    teacher with K=6 at every position ("all"), and the same records cached by another teacher
+    (the untrained student)."""
+    import torch
+
+    from .kd_helpers import build_kd_cache, sft_rows
+
+    base = tmp_path_factory.mktemp("domain")
+    rows = sft_rows(DOMAIN_ROWS, seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cache = build_kd_cache(base / "cache", kd_inputs.teacher, rows, k=6, positions="all")
+        other = build_kd_cache(base / "other", kd_inputs.student, rows, k=6, positions="all")
+    finally:
+        torch.set_num_threads(threads)
+    return {"cache": cache, "other_teacher": other}
