@@ -798,8 +798,8 @@ def ans_ids_decode(
             at = first[cl] + np.int64(idx)
             bad |= at >= first[cl + 1]
             out[i + c] = members[min(at, d - 1)]
-        x[step & 3], x[(step + 1) & 3], x[(step + 2) & 3], x[(step + 3) & 3] = s0, s1, s2, s3
         step += width - f
+        x[step & 3], x[(step + 1) & 3], x[(step + 2) & 3], x[(step + 3) & 3] = s0, s1, s2, s3
         if bad or pos > end:
             return ANS_BAD_VALUE if bad else ANS_BAD_STREAM
         if f > 0:
@@ -935,3 +935,49 @@ def quantize_rows(
                 q = exp_table[grid_bits[choice]]
             out_bits[r, c] = grid_bits[choice]
             err += q - p
+
+
+@njit(**_JIT)
+def sort_and_pad_rows(ids, bits, pad, stamp):  # pragma: no cover - compiled
+    """Canonical order (value descending, ties by id ascending) of each row, then the entries
+    equal to `pad` (at the end) get the smallest ids not among the others, ascending.
+
+    stamp: int64 [K] scratch, all < 0 on entry (left so).
+    """
+    n, k = ids.shape
+    for r in range(n):
+        for c in range(1, k):
+            t = ids[r, c]
+            b = bits[r, c]
+            ck = (~b & 0xFFFF) if b & 0x8000 else (b | 0x8000)
+            j = c - 1
+            while j >= 0:
+                pb = bits[r, j]
+                pk = (~pb & 0xFFFF) if pb & 0x8000 else (pb | 0x8000)
+                if pk < ck or (pk == ck and ids[r, j] > t):
+                    ids[r, j + 1] = ids[r, j]
+                    bits[r, j + 1] = pb
+                    j -= 1
+                else:
+                    break
+            ids[r, j + 1] = t
+            bits[r, j + 1] = b
+        real = k
+        while real > 0 and bits[r, real - 1] == pad:
+            real -= 1
+        if real == k:
+            continue
+        for c in range(real):
+            v = ids[r, c]
+            if 0 <= v < k:
+                stamp[v] = r
+        want = 0
+        for c in range(real, k):
+            while stamp[want] == r:
+                want += 1
+            ids[r, c] = want
+            want += 1
+        for c in range(real):
+            v = ids[r, c]
+            if 0 <= v < k:
+                stamp[v] = -1
