@@ -524,6 +524,12 @@ def read_freq_tables(buf, start, contexts, alphabet, table):  # pragma: no cover
             total += f
         if m > 0 and total != total_slots:
             return -1
+        if m == 0:
+            # An unused context decodes its largest token, which every codec refuses (a class
+            # beyond the classes, a filler length or id gap beyond any row or vocabulary).
+            sentinel = np.uint32((total_slots - 1) | ((alphabet[c] - 1) << 25))
+            for slot in range(total_slots):
+                table[c, slot] = sentinel
     return pos
 
 

@@ -427,6 +427,30 @@ def _parse_tables(buf: np.ndarray, start: int, alphabet: np.ndarray, codec: str)
     return table, int(end)
 
 
+def _has_tables(buf: np.ndarray, contexts: np.ndarray) -> bool:
+    """Whether the frequency tables at the start of `buf` give each of `contexts` a table:
+    read again only when a context's first slot looks like the unused-context sentinel."""
+    pos, want = 0, set(contexts.tolist())
+    for c in range(int(contexts.max()) + 1):
+        m, pos = _read_varint(buf, pos)
+        if c in want and m == 0:
+            return False
+        for _ in range(2 * m):
+            _, pos = _read_varint(buf, pos)
+    return True
+
+
+def _read_varint(buf: np.ndarray, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = int(buf[pos])
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
 def _padded(buf: np.ndarray) -> np.ndarray:
     """The block followed by zero bytes, so the decoder's unconditional reads stay inside."""
     kern = kernels()
@@ -522,6 +546,9 @@ class AnsUint(Codec):
             return np.zeros(0, dtype=np.uint8)
         alphabet = np.full(ANS_RANK_CONTEXTS, self._alphabet, dtype=np.int64)
         table, start = _parse_tables(buf, 0, alphabet, "ans_uint")
+        used = np.unique(self._ctx[: min(n, self.row_length)])
+        if (table[used, 0] >> 25 == self._alphabet - 1).any() and not _has_tables(buf, used):
+            raise CodecError("ans_uint: a context that codes values has no frequency table")
         out = np.empty(n, dtype=self._dtype)
         kern = kernels()
         status = kern.ans_uint_decode(
