@@ -402,43 +402,53 @@ def hybrid_uint_steps(values, ctx_of_rank, row_length, ctx, tok, nbits, raw):  #
 
 
 @njit(**_JIT)
-def _enc_put(x, f, c, scale, words, nw):  # pragma: no cover - compiled
-    """One rANS encode step of a symbol (freq f, cumulative c) at `scale` bits."""
-    x_max = (np.uint64(1) << np.uint64(32 - scale)) * np.uint64(f)
-    if x >= x_max:
-        words[nw] = np.uint16(x & 0xFFFF)
-        nw += 1
-        x >>= np.uint64(16)
-    x = ((x // np.uint64(f)) << np.uint64(scale)) + (x % np.uint64(f)) + np.uint64(c)
-    return x, nw
-
-
-@njit(**_JIT)
-def rans_encode(ctx, tok, nbits, raw, freq, cum, out):  # pragma: no cover - compiled
+def rans_encode(ctx, tok, nbits, raw, freq, cum, rcp, shift1, shift2, out):  # pragma: no cover
     """Encode the steps (ctx, tok, nbits, raw) of a block; `out` (uint8) gets the stream.
 
     Returns the number of bytes written, or -1 when `out` is too small. Raw bits travel in
-    pieces of at most 16, least significant piece decoded first.
+    pieces of at most 16, least significant piece decoded first. Division by a token's
+    frequency is a multiplication by its reciprocal (rcp, shift1, shift2: Granlund and
+    Montgomery's round-up method for 32-bit dividends, exact for every state).
     """
     n = ctx.shape[0]
     words = np.empty(n * 3 + 8, dtype=np.uint16)
     nw = 0
-    x = np.full(ANS_STATES, ANS_L, dtype=np.uint64)
+    mask16 = np.uint64(0xFFFF)
+    # Rotating states: at value i, s0 is state i % 4, s1 state (i - 1) % 4, and so on.
+    s0 = s1 = s2 = s3 = np.uint64(ANS_L)
     for i in range(n - 1, -1, -1):
-        j = i % ANS_STATES
-        s = x[j]
+        s = s0
         b = np.int64(nbits[i])
         if b > 0:
             r = np.uint64(raw[i])
             if b > 16:
-                s, nw = _enc_put(s, 1, (r >> np.uint64(16)), b - 16, words, nw)
-                s, nw = _enc_put(s, 1, r & np.uint64(0xFFFF), 16, words, nw)
-            else:
-                s, nw = _enc_put(s, 1, r, b, words, nw)
+                # The high piece is decoded last, so it is encoded first.
+                hb = b - 16
+                if s >= (np.uint64(1) << np.uint64(32 - hb)):
+                    words[nw] = np.uint16(s & mask16)
+                    nw += 1
+                    s >>= np.uint64(16)
+                s = (s << np.uint64(hb)) | (r >> np.uint64(16))
+                r &= mask16
+                b = 16
+            if s >= (np.uint64(1) << np.uint64(32 - b)):
+                words[nw] = np.uint16(s & mask16)
+                nw += 1
+                s >>= np.uint64(16)
+            s = (s << np.uint64(b)) | r
         c = ctx[i]
         t = tok[i]
-        s, nw = _enc_put(s, freq[c, t], cum[c, t], ANS_BITS, words, nw)
-        x[j] = s
+        f = np.uint64(freq[c, t])
+        if s >= (f << np.uint64(32 - ANS_BITS)):
+            words[nw] = np.uint16(s & mask16)
+            nw += 1
+            s >>= np.uint64(16)
+        t1 = (np.uint64(rcp[c, t]) * s) >> np.uint64(32)
+        q = (t1 + ((s - t1) >> np.uint64(shift1[c, t]))) >> np.uint64(shift2[c, t])
+        s = (q << np.uint64(ANS_BITS)) + (s - q * f) + np.uint64(cum[c, t])
+        s0, s1, s2, s3 = s1, s2, s3, s
+    x = np.empty(ANS_STATES, dtype=np.uint64)
+    x[3], x[2], x[1], x[0] = s0, s1, s2, s3
     size = 4 * ANS_STATES + 2 * nw
     if size > out.shape[0]:
         return -1
@@ -947,7 +957,11 @@ def sort_and_pad_rows(ids, bits, pad, stamp):  # pragma: no cover - compiled
     """
     n, k = ids.shape
     for r in range(n):
-        for c in range(1, k):
+        # Padding is at the end already (it is the lowest value): sort the entries before it.
+        real = k
+        while real > 0 and bits[r, real - 1] == pad:
+            real -= 1
+        for c in range(1, real):
             t = ids[r, c]
             b = bits[r, c]
             ck = (~b & 0xFFFF) if b & 0x8000 else (b | 0x8000)
@@ -963,9 +977,6 @@ def sort_and_pad_rows(ids, bits, pad, stamp):  # pragma: no cover - compiled
                     break
             ids[r, j + 1] = t
             bits[r, j + 1] = b
-        real = k
-        while real > 0 and bits[r, real - 1] == pad:
-            real -= 1
         if real == k:
             continue
         for c in range(real):
@@ -982,3 +993,65 @@ def sort_and_pad_rows(ids, bits, pad, stamp):  # pragma: no cover - compiled
             v = ids[r, c]
             if 0 <= v < k:
                 stamp[v] = -1
+
+
+@njit(**_JIT)
+def keep_counts(bits, max_cost, exp_table, out):  # pragma: no cover - compiled
+    """Leading entries each row keeps: the fewest whose left-out mass costs at most max_cost
+    nats, the cost being log(mass of the whole row / mass kept)."""
+    n, k = bits.shape
+    for r in range(n):
+        total = 0.0
+        for c in range(k):
+            total += exp_table[bits[r, c]]
+        kept = 0.0
+        out[r] = k
+        for c in range(k):
+            kept += exp_table[bits[r, c]]
+            if kept > 0.0 and np.log(total / kept) <= max_cost:
+                out[r] = c + 1
+                break
+
+
+@njit(**_JIT)
+def lossy_row_errors(lossless, stored, pad, value_table, exp_table, out):  # pragma: no cover
+    """The row error of logitcache.lossy.row_errors, row by row without a log per entry:
+    log(p / q) of an entry is the difference of the two logprobs."""
+    n, k = lossless.shape
+    for r in range(n):
+        mk = mp = mq = 0.0
+        for c in range(k):
+            mk += exp_table[lossless[r, c]]
+            if stored[r, c] != pad:
+                mp += exp_table[lossless[r, c]]
+                mq += exp_table[stored[r, c]]
+        if mp <= 0.0:
+            out[r] = 0.0
+            continue
+        pt = max(0.0, 1.0 - mp)
+        qt = max(0.0, 1.0 - mq)
+        zp = mp + pt
+        zq = mq + qt
+        # sums of p (lp - lq) and q (lq - lp) over stored entries
+        sp = 0.0
+        sq = 0.0
+        for c in range(k):
+            if stored[r, c] != pad:
+                p = exp_table[lossless[r, c]]
+                q = exp_table[stored[r, c]]
+                d = value_table[lossless[r, c]] - value_table[stored[r, c]]
+                sp += p * d
+                sq -= q * d
+        if mq <= 0.0:
+            out[r] = np.inf
+            continue
+        fwd = sp / mp - np.log(mp) + np.log(mq)
+        rev = sq / mq - np.log(mq) + np.log(mp)
+        trunc = np.log(mk / mp)
+        tail_fwd = (sp - mp * (np.log(zp) - np.log(zq))) / zp
+        tail_rev = (sq - mq * (np.log(zq) - np.log(zp))) / zq
+        if pt > 0.0:
+            tail_fwd += (pt / zp) * (np.log(pt / zp) - np.log(qt / zq)) if qt > 0.0 else np.inf
+        if qt > 0.0:
+            tail_rev += (qt / zq) * (np.log(qt / zq) - np.log(pt / zp)) if pt > 0.0 else np.inf
+        out[r] = max(max(fwd, rev + trunc), max(tail_fwd, tail_rev))

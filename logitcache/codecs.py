@@ -459,11 +459,23 @@ def _padded(buf: np.ndarray) -> np.ndarray:
     return out
 
 
+def _reciprocals(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Granlund-Montgomery constants of each frequency f: floor(x / f) for any 32-bit x is
+    (t + ((x - t) >> shift1)) >> shift2 with t = (rcp * x) >> 32."""
+    f = np.maximum(freqs.astype(np.int64), 1)
+    bits = np.ceil(np.log2(f)).astype(np.int64)
+    rcp = ((np.int64(1) << 32) * ((np.int64(1) << bits) - f)) // f + 1
+    return rcp.astype(np.uint64), np.minimum(bits, 1), np.maximum(bits - 1, 0)
+
+
 def _rans_stream(ctx, tok, nbits, raw, freqs: np.ndarray) -> np.ndarray:
     cum = np.zeros(freqs.shape, dtype=np.uint32)
     cum[:, 1:] = np.cumsum(freqs, axis=1)[:, :-1]
+    rcp, shift1, shift2 = _reciprocals(freqs)
     out = np.empty(16 + 8 * len(ctx) + 64, dtype=np.uint8)
-    used = kernels().rans_encode(ctx, tok, nbits, raw, freqs.astype(np.uint32), cum, out)
+    used = kernels().rans_encode(
+        ctx, tok, nbits, raw, freqs.astype(np.uint32), cum, rcp, shift1, shift2, out
+    )
     if used < 0:  # pragma: no cover - the buffer holds the worst case
         raise CodecError("rANS: output buffer too small")
     return out[:used]

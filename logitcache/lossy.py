@@ -172,13 +172,16 @@ class LossyRows:
         """Leading entries each row keeps: the fewest whose left-out mass costs at most the
         truncation share of the budget (log of whole mass over kept mass)."""
         _, exp = _value_tables()
-        p = exp[bits]
-        total = p.sum(1, keepdims=True)
-        kept = np.cumsum(p, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ok = np.log(total / kept) <= self.budget * TRUNCATION_SHARE
-        ok[:, -1] = True
-        return np.argmax(ok, axis=1).astype(np.int64) + 1
+        out = np.empty(bits.shape[0], dtype=np.int64)
+        kernels().keep_counts(bits, self.budget * TRUNCATION_SHARE, exp, out)
+        return out
+
+    def errors(self, lossless_bits: np.ndarray, stored_bits: np.ndarray) -> np.ndarray:
+        """The row error of `row_errors`, computed by a kernel (no log per entry)."""
+        values, exp = _value_tables()
+        out = np.empty(lossless_bits.shape[0], dtype=np.float64)
+        kernels().lossy_row_errors(lossless_bits, stored_bits, PAD_BITS, values, exp, out)
+        return out
 
     def apply(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lossy versions of canonical rows (ids int32 [n, K], logprobs fp16 [n, K]): aligned
@@ -192,13 +195,13 @@ class LossyRows:
         out = np.empty_like(bits)
         kern = kernels()
         kern.quantize_rows(bits, keep, self.step, self.zero_index, self.grid_bits, values, exp, out)
-        errors = row_errors(bits, out)["error"]
+        errors = self.errors(bits, out)
         over = errors > self.budget
         if over.any():  # store those rows exactly, truncated
             cols = np.arange(self.k)[None, :]
-            exact = np.where(cols < keep[over, None], bits[over], PAD_BITS)
+            exact = np.where(cols < keep[over, None], bits[over], PAD_BITS).astype(np.uint16)
             out[over] = exact
-            errors[over] = row_errors(bits[over], exact)["error"]
+            errors[over] = self.errors(np.ascontiguousarray(bits[over]), exact)
         stats = self.stats
         stats.rows += n
         stats.exact_rows += int(over.sum())
