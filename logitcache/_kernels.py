@@ -604,7 +604,10 @@ def _raw(s, b, buf, pos):  # pragma: no cover - compiled
 def _hybrid(s, table, c, nbits, base, buf, pos):  # pragma: no cover - compiled
     s, t = _token(s, table, c)
     s, pos = _renorm(s, buf, pos)
-    s, v, pos = _raw(s, nbits[t], buf, pos)
+    b = nbits[t]
+    if b == 0:  # most values of a delta-coded column: small, no raw bits
+        return s, base[t], pos
+    s, v, pos = _raw(s, b, buf, pos)
     return s, base[t] | v, pos
 
 
