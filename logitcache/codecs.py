@@ -919,5 +919,18 @@ def default_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def entropy_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
+    """Pipelines with rANS entropy coding for the teacher columns (spec sections 6.8-6.10):
+    about 0.84x the bytes of the defaults on real teacher rows, at a third of the decode speed
+    (benchmarks/bench_codec.py). Pass as CacheWriter(..., codecs=entropy_pipeline_configs(k))."""
+    return {
+        COL_TOPK_IDS: [{"id": "ans_ids", "row_length": k}],
+        COL_TOPK_LOGPROBS: [
+            {"id": "fp16_key_delta", "row_length": k},
+            {"id": "ans_uint", "elementsize": 2, "row_length": k},
+        ],
+    }
+
+
 def default_pipelines(k: int) -> dict[str, Pipeline]:
     return {col: Pipeline.from_config(cfg) for col, cfg in default_pipeline_configs(k).items()}

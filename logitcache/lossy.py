@@ -52,6 +52,13 @@ def _value_tables() -> tuple[np.ndarray, np.ndarray]:
     return _TABLES
 
 
+def row_entries(topk_logprobs: np.ndarray) -> np.ndarray:
+    """Entries per row that are part of the row (K' of spec section 12): those above -65504.
+    Rows of lossless caches give K, unless the teacher's probability underflowed fp16."""
+    values = np.asarray(topk_logprobs)
+    return (values > PAD_LOGPROB).sum(axis=-1)
+
+
 def grid_step_units(budget: float) -> int:
     """The grid step, in 1/1024 nat, for a per-row budget in nats."""
     step = 2.0 * math.sqrt(budget * (1.0 - TRUNCATION_SHARE)) * GRID_MARGIN

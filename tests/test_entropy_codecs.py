@@ -307,3 +307,67 @@ def test_entropy_codecs_need_their_exact_size():
         )
     with pytest.raises(CodecError, match="exact"):
         Pipeline.from_config([{"id": "varint"}, {"id": "ans_ids", "row_length": 4}])
+
+
+# -- inside a cache --------------------------------------------------------------------------
+
+
+def _entropy_cache(tmp_path):
+    from logitcache import CacheWriter
+    from logitcache.codecs import entropy_pipeline_configs
+    from tests.conftest import SMALL_K, SMALL_VOCAB, make_records
+
+    root = tmp_path / "c"
+    with CacheWriter(
+        str(root), k=SMALL_K, vocab_size=SMALL_VOCAB, codecs=entropy_pipeline_configs(SMALL_K)
+    ) as writer:
+        for record in make_records(6, seed=3):
+            writer.add(**record)
+    return root
+
+
+@pytest.mark.parametrize("column", ["topk_ids", "topk_logprobs"])
+def test_a_cut_block_with_valid_checksums_is_refused_on_read(tmp_path, column):
+    """The checksums match (rewritten), so the codec itself must catch the damage."""
+    import json
+
+    from logitcache.format import MANIFEST_NAME
+    from tests.test_faults import (
+        append_block,
+        block_checksum,
+        read_all,
+        resync_manifest,
+        split_shard,
+        write_shard,
+    )
+
+    root = _entropy_cache(tmp_path)
+    shard = root / json.loads((root / MANIFEST_NAME).read_text())["shards"][0]["path"]
+    body, footer = split_shard(shard)
+    block = footer["chunks"][0]["blocks"][column]
+    data = body[block["offset"] : block["offset"] + block["length"]][:-3]
+    body = bytearray(body)
+    offset, length = append_block(body, data)
+    block.update(offset=offset, length=length, checksum=block_checksum(data))
+    write_shard(shard, body, footer)
+    resync_manifest(type("C", (), {"path": root})())
+    with pytest.raises(CorruptCacheError, match="ans_"):
+        read_all(root)
+
+
+def test_a_footer_pointing_at_a_few_bytes_of_a_block_is_refused(tmp_path):
+    import json
+
+    from logitcache.format import MANIFEST_NAME
+    from tests.test_faults import read_all, resync_manifest, split_shard, write_shard
+
+    root = _entropy_cache(tmp_path)
+    shard = root / json.loads((root / MANIFEST_NAME).read_text())["shards"][0]["path"]
+    body, footer = split_shard(shard)
+    chunk = footer["chunks"][0]
+    block = chunk["blocks"]["topk_ids"]
+    block["length"] = 8  # 8 stored bytes cannot hold the ids of every target
+    write_shard(shard, body, footer)
+    resync_manifest(type("C", (), {"path": root})())
+    with pytest.raises(CorruptCacheError):
+        read_all(root)
