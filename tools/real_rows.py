@@ -77,9 +77,7 @@ def file_identity(stdlib: str) -> list[dict]:
     for rel in SOURCES:
         with open(os.path.join(stdlib, rel), "rb") as f:
             data = f.read()
-        files.append(
-            {"path": rel, "bytes": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
-        )
+        files.append({"path": rel, "bytes": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)})
     return files
 
 
