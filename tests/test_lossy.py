@@ -213,3 +213,24 @@ def test_resume_refuses_another_budget(tmp_path):
         for record in records[1:]:
             writer.add(**record)
     assert len(open_cache(url)) == 4
+
+
+def test_merge_keeps_the_lossy_mode_and_refuses_mixed_budgets(tmp_path):
+    from logitcache.manifest import merge_partials
+
+    records = list(synthetic_records(6, k=4, vocab_size=100, seed=2, mean_length=20))
+    url = str(tmp_path / "cache")
+    for rank in range(2):
+        with CacheWriter(url, k=4, vocab_size=100, lossy_kl=0.01, rank=rank, world_size=2) as w:
+            for record in records[rank::2]:
+                w.add(**record)
+    manifest = merge_partials(url)
+    assert manifest.lossy["kl_budget"] == 0.01
+    assert manifest.lossy["measured"]["rows"] == sum(len(r["topk_ids"]) for r in records)
+    assert open_cache(url).manifest.lossy == manifest.lossy
+    mixed = str(tmp_path / "mixed")
+    for rank, budget in enumerate((0.01, 0.02)):
+        with CacheWriter(mixed, k=4, vocab_size=100, lossy_kl=budget, rank=rank, world_size=2) as w:
+            w.add(**records[rank])
+    with pytest.raises(CacheError, match="lossy mode"):
+        merge_partials(mixed)
