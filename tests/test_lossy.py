@@ -234,3 +234,24 @@ def test_merge_keeps_the_lossy_mode_and_refuses_mixed_budgets(tmp_path):
             w.add(**records[rank])
     with pytest.raises(CacheError, match="lossy mode"):
         merge_partials(mixed)
+
+
+@pytest.mark.parametrize(
+    "lossy",
+    [{"mode": "bits", "kl_budget": 0.01}, {"mode": "kl"}, {"mode": "kl", "kl_budget": 0}, []],
+)
+def test_a_manifest_with_a_bad_lossy_object_is_refused(lossy_cache, tmp_path, lossy):
+    import shutil
+
+    from logitcache.format import MANIFEST_NAME
+    from logitcache.sealed_json import seal
+
+    path, _ = lossy_cache
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    obj = json.loads((copy / MANIFEST_NAME).read_text())
+    obj.pop("manifest_checksum")
+    obj["lossy"] = lossy
+    (copy / MANIFEST_NAME).write_bytes(seal(obj))
+    with pytest.raises(CacheError, match="lossy"):
+        open_cache(str(copy))
