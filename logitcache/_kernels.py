@@ -642,7 +642,6 @@ def ans_uint_decode(
 IDS_CTX_GAP = 8
 IDS_CTX_CLASS = 9
 IDS_CTX_FILL = 10
-IDS_CONTEXTS = 11
 MAX_ID = 1 << 24
 
 
