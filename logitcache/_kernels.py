@@ -831,7 +831,7 @@ def ans_ids_decode(
     return _finish(x, pos, end)
 
 
-# -- fp16_grid: logprobs on a grid of lossy caches (spec section 6.10) ------------------------
+# -- fp16_grid: logprobs on a grid of lossy caches (spec section 6.11) ------------------------
 
 GRID_EXACT_ROW = 0x10000  # flag of the first element of a row stored exactly
 

@@ -347,7 +347,7 @@ class Varint(Codec):
         return decoded_size // 4 * 5
 
 
-# -- entropy coding (spec/FORMAT.md sections 6.8-6.10) ---------------------------------------
+# -- entropy coding (spec/FORMAT.md sections 6.8-6.11) ---------------------------------------
 
 ANS_BITS = 12
 ANS_SLOTS = 1 << ANS_BITS
