@@ -203,7 +203,8 @@ def _open_cache_source(src: str, *, positions: str | None, storage_options: dict
         records=stream(),
         teacher=m.teacher,
         tokenizer=m.tokenizer,
-        metadata=dict(m.metadata or {}),
+        # Rows of a lossy source stay lossy whatever the destination: say so in its metadata.
+        metadata={**(m.metadata or {}), **({"lossy_source": m.lossy} if m.lossy else {})},
         total=m.records,
         close=cache.close,
     )

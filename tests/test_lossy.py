@@ -185,6 +185,8 @@ def test_convert_writes_a_lossy_cache_and_inspect_shows_it(lossy_cache, tmp_path
     assert done.returncode == 0, done.stderr
     shown = run("inspect", lossless, "--no-progress")
     assert "mode             lossless" in shown.stdout, shown.stdout
+    # The rows came from a lossy cache, and the copy's metadata says so.
+    assert open_cache(str(lossless)).manifest.metadata["lossy_source"]["kl_budget"] == 0.02
     dst = tmp_path / "lossy"
     done = run("convert", lossless, dst, "--lossy-kl", "0.005", "--no-progress")
     assert done.returncode == 0, done.stderr
