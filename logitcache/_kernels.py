@@ -911,6 +911,7 @@ def quantize_rows(
     exp for every fp16 bit pattern.
     """
     n, k = bits.shape
+    chosen = np.full(k, -1, dtype=np.int64)  # grid index of each entry of the row, -1: none
     for r in range(n):
         kr = keep[r]
         mass = 0.0
@@ -920,6 +921,7 @@ def quantize_rows(
         out_bits[r, 0] = bits[r, 0]
         err = 0.0
         for c in range(1, k):
+            chosen[c] = -1
             b = bits[r, c]
             if c >= kr:
                 out_bits[r, c] = 0xFBFF
@@ -947,7 +949,28 @@ def quantize_rows(
                 choice += 1
                 q = exp_table[grid_bits[choice]]
             out_bits[r, c] = grid_bits[choice]
+            chosen[c] = choice
             err += q - p
+        # The outside bucket must not vanish on one side only: a row whose mass reaches 1
+        # keeps a stored mass >= 1, a row with mass left outside keeps some outside. Entries,
+        # smallest first, move one grid step towards that until it holds.
+        top = value_table[bits[r, 0]]
+        for c in range(kr - 1, 0, -1):
+            if mass >= 1.0:
+                if mass + err >= 1.0:
+                    break
+                j = chosen[c] - 1  # up: more mass
+                if chosen[c] <= 0 or value_table[grid_bits[j]] > top:
+                    continue
+            else:
+                if mass + err < 1.0 - 0.5 * (1.0 - mass):
+                    break
+                j = chosen[c] + 1  # down: less mass
+                if chosen[c] < 0 or j >= zero_index:
+                    continue
+            err += exp_table[grid_bits[j]] - exp_table[grid_bits[chosen[c]]]
+            chosen[c] = j
+            out_bits[r, c] = grid_bits[j]
 
 
 @njit(**_JIT)
