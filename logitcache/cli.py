@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a lossy cache: every row within NATS of the lossless row (KL per row, "
         "e.g. 0.01): logprobs on a grid, light tails cut; the manifest records the budget",
     )
+    p.add_argument(
+        "--lossy-no-truncation",
+        action="store_true",
+        help="with --lossy-kl: keep every entry of each row, spend the budget on the grid only",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_store_options(p)
@@ -377,6 +382,7 @@ def cmd_convert(args) -> int:
         progress=False if args.no_progress else None,
         layout=args.layout,
         lossy_kl=args.lossy_kl,
+        lossy_truncate=not args.lossy_no_truncation,
     )
     print(
         f"wrote {result.records:,} records ({result.src_format} -> {result.dst_format}, "

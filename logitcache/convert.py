@@ -265,12 +265,14 @@ def convert(
     progress: bool | None = None,
     layout: str | None = None,
     lossy_kl: float | None = None,
+    lossy_truncate: bool = True,
 ) -> ConvertResult:
     """Convert `src` into `dst` (a cache URL or a .parquet file); see the module docstring.
 
     `k` keeps each row's top k values. `vocab_size` or `tokenizer` (a local tokenizer
     directory) is required for NeMo-Aligner and axolotl sources, which do not record it.
-    `lossy_kl` writes a lossy cache with that per-row KL budget in nats (logitcache.lossy).
+    `lossy_kl` writes a lossy cache with that per-row KL budget in nats (logitcache.lossy);
+    `lossy_truncate=False` keeps every entry of each row (quantisation only).
     """
     from tqdm import tqdm
 
@@ -341,6 +343,7 @@ def convert(
                 storage_options=dst_storage_options or storage_options,
                 overwrite=overwrite,
                 lossy_kl=lossy_kl,
+                lossy_truncate=lossy_truncate,
             )
     finally:
         if source.close is not None:
@@ -384,6 +387,7 @@ def _write_cache(
     storage_options,
     overwrite,
     lossy_kl=None,
+    lossy_truncate=True,
 ) -> int:
     from . import CacheWriter
 
@@ -405,6 +409,7 @@ def _write_cache(
         codecs=codecs,
         overwrite=overwrite,
         lossy_kl=lossy_kl,
+        lossy_truncate=lossy_truncate,
         **sizes,
     ) as writer:
         for where, kwargs in records:

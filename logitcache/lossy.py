@@ -11,7 +11,8 @@ lossless cache would hold (the fp16 row) by at most BUDGET nats in every one of 
 - truncation: the reverse KL of the stored row (renormalised) against the whole lossless row
   (renormalised over all K ids), which adds the cost of the entries left out.
 
-How: half the budget goes to truncation (the row keeps its fewest leading entries whose
+How: half the budget goes to truncation (unless `lossy_truncate=False`, which keeps every entry
+and gives the whole budget to the grid) (the row keeps its fewest leading entries whose
 left-out mass costs at most BUDGET/2, and entries whose probability underflows the grid), half
 to quantisation: a grid of step 2 sqrt(BUDGET/2) * 0.9, which by Hoeffding's lemma keeps the KL
 of nearest rounding below BUDGET/2. The first entry of a row stays exact, so a near-certain
@@ -59,9 +60,11 @@ def row_entries(topk_logprobs: np.ndarray) -> np.ndarray:
     return (values > PAD_LOGPROB).sum(axis=-1)
 
 
-def grid_step_units(budget: float) -> int:
-    """The grid step, in 1/1024 nat, for a per-row budget in nats."""
-    step = 2.0 * math.sqrt(budget * (1.0 - TRUNCATION_SHARE)) * GRID_MARGIN
+def grid_step_units(budget: float, truncation: bool = True) -> int:
+    """The grid step, in 1/1024 nat, for a per-row budget in nats (all of it for the grid
+    when rows are not truncated)."""
+    share = 1.0 - TRUNCATION_SHARE if truncation else 1.0
+    step = 2.0 * math.sqrt(budget * share) * GRID_MARGIN
     return int(min(2048, max(1, math.floor(step * GRID_UNIT))))
 
 
@@ -148,10 +151,11 @@ def row_errors(lossless_bits: np.ndarray, stored_bits: np.ndarray) -> dict[str, 
 class LossyRows:
     """Turns canonical fp16 rows into lossy rows within a KL budget (see the module docs)."""
 
-    def __init__(self, budget: float, k: int):
+    def __init__(self, budget: float, k: int, *, truncation: bool = True):
         self.budget = check_budget(budget)
         self.k = k
-        self.step_units = grid_step_units(self.budget)
+        self.truncation = bool(truncation)
+        self.step_units = grid_step_units(self.budget, self.truncation)
         self.step = self.step_units / GRID_UNIT
         self.grid_bits, _ = grid_tables(self.step_units)
         self.zero_index = len(self.grid_bits) - 1
@@ -163,7 +167,7 @@ class LossyRows:
             "mode": "kl",
             "kl_budget": self.budget,
             "grid_step": self.step,
-            "truncation": True,
+            "truncation": self.truncation,
         }
 
     def pipelines(self) -> dict[str, list[dict]]:
@@ -180,6 +184,9 @@ class LossyRows:
         truncation share of the budget (log of whole mass over kept mass)."""
         _, exp = _value_tables()
         out = np.empty(bits.shape[0], dtype=np.int64)
+        if not self.truncation:
+            out.fill(self.k)
+            return out
         kernels().keep_counts(bits, self.budget * TRUNCATION_SHARE, exp, out)
         return out
 

@@ -90,7 +90,8 @@ class CacheWriter:
     `lossy_kl=BUDGET` (nats) stores every row within BUDGET of its lossless version (KL in
     each direction, renormalised over the stored ids, with and without the outside bucket, plus
     the cost of leaving out the tail entries; see logitcache.lossy): logprobs on a grid and
-    rows cut short where their tail is light, padded to K with entries of logprob -65504.
+    rows cut short where their tail is light (unless `lossy_truncate=False`), padded to K with
+    entries of logprob -65504.
 
     Long runs call `checkpoint(progress)` now and then; a run killed later is continued by a
     writer created with `resume=True` and the same identity (k, vocab_size, positions, teacher,
@@ -119,6 +120,7 @@ class CacheWriter:
         threads: int | None = None,
         generation: str | None = None,
         lossy_kl: float | None = None,
+        lossy_truncate: bool = True,
     ):
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k={k!r}: must be an integer in [1, {MAX_K}]")
@@ -137,7 +139,9 @@ class CacheWriter:
         self.chunk_bytes, self.shard_bytes = int(chunk_bytes), int(shard_bytes)
         configs = default_pipeline_configs(k)
         # Lossy mode (spec section 12): rows within a per-row KL budget, entropy-coded.
-        self._lossy = None if lossy_kl is None else LossyRows(lossy_kl, k)
+        self._lossy = (
+            None if lossy_kl is None else LossyRows(lossy_kl, k, truncation=lossy_truncate)
+        )
         if self._lossy is not None:
             configs.update(self._lossy.pipelines())
         for name, config in (codecs or {}).items():

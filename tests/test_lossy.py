@@ -86,10 +86,11 @@ def teacher_rows(seed: int, n: int, k: int, kind: str) -> tuple[np.ndarray, np.n
     st.floats(1e-4, 0.5),
     st.integers(1, 40),
     st.integers(0, 10**6),
+    st.booleans(),
 )
-def test_every_lossy_row_is_within_its_budget(kind, budget, k, seed):
+def test_every_lossy_row_is_within_its_budget(kind, budget, k, seed, truncation):
     ids, lp = teacher_rows(seed, 30, k, kind)
-    lossy = LossyRows(budget, k)
+    lossy = LossyRows(budget, k, truncation=truncation)
     out_ids, out_lp = lossy.apply(ids.copy(), lp.copy())
     assert out_ids.shape == ids.shape and out_lp.dtype == np.float16
     for r in range(ids.shape[0]):
@@ -101,6 +102,9 @@ def test_every_lossy_row_is_within_its_budget(kind, budget, k, seed):
         assert len(set(out_ids[r].tolist())) == k
         real = int((values > PAD_LOGPROB).sum())
         assert real >= 1 and (values[real:] == PAD_LOGPROB).all()
+        if not truncation:  # only entries whose probability underflows the grid are left out
+            above = lp[r].astype(np.float64)
+            assert (above > -64).sum() <= real <= (above > -64 - lossy.step).sum()
         free = sorted(set(range(k + real)) - set(out_ids[r, :real].tolist()))
         assert out_ids[r, real:].tolist() == free[: k - real]
     assert lossy.stats.error_max <= budget * (1 + 1e-9)
