@@ -631,6 +631,7 @@ def print_config(cfg: dict) -> None:
 
 REAL_DIR = "benchmarks/data/real-rows"
 LOSSY_BUDGETS = (0.001, 0.003, 0.005, 0.01, 0.02)
+LOSSY_NO_TRUNCATION = (0.003, 0.01)  # budgets also run with every entry kept
 REAL_TARGET_PARQUET_RATIO = 0.75
 LOSSY_TARGET_BYTES, LOSSY_TARGET_MEAN_KL = 150.0, 1e-3
 
@@ -696,10 +697,13 @@ def row_measures(
 
 def bench_lossy(ids: np.ndarray, lp: np.ndarray, repeats: int) -> list[dict[str, Any]]:
     """Lossy mode on the rows at each budget: size of both columns, speed, exact KLs."""
-    return [_lossy_at(budget, ids, lp, repeats) for budget in LOSSY_BUDGETS]
+    variants = [(b, True) for b in LOSSY_BUDGETS] + [(b, False) for b in LOSSY_NO_TRUNCATION]
+    return [_lossy_at(budget, truncate, ids, lp, repeats) for budget, truncate in variants]
 
 
-def _lossy_at(budget: float, ids: np.ndarray, lp: np.ndarray, repeats: int) -> dict[str, Any]:
+def _lossy_at(
+    budget: float, truncate: bool, ids: np.ndarray, lp: np.ndarray, repeats: int
+) -> dict[str, Any]:
     from logitcache.lossy import LossyRows
 
     k = ids.shape[1]
@@ -708,14 +712,14 @@ def _lossy_at(budget: float, ids: np.ndarray, lp: np.ndarray, repeats: int) -> d
         (ids[i : i + rows_per_chunk], lp[i : i + rows_per_chunk])
         for i in range(0, len(ids), rows_per_chunk)
     ]
-    lossy = LossyRows(budget, k)
+    lossy = LossyRows(budget, k, truncation=truncate)
     pipes = {name: Pipeline.from_config(c) for name, c in lossy.pipelines().items()}
 
     def encode(cs: Chunks) -> list:
         """The writer's work: lossy rows (quantise, truncate, check, sort), then the codecs."""
         blobs = []
         for a, b in cs:
-            qa, qb = LossyRows(budget, k).apply(a.copy(), b.copy())
+            qa, qb = LossyRows(budget, k, truncation=truncate).apply(a.copy(), b.copy())
             blobs.append((pipes["topk_ids"].encode(qa), pipes["topk_logprobs"].encode(qb), qa, qb))
         return blobs
 
@@ -745,6 +749,7 @@ def _lossy_at(budget: float, ids: np.ndarray, lp: np.ndarray, repeats: int) -> d
     )
     return {
         "budget": budget,
+        "truncation": truncate,
         "grid_step": lossy.step,
         "bytes_per_token": size / len(ids),
         "encode_tokens_per_s": len(ids) / encode_t.cpu_s,
@@ -761,6 +766,7 @@ def _lossy_at(budget: float, ids: np.ndarray, lp: np.ndarray, repeats: int) -> d
 
 LOSSY_HEADERS = [
     "budget",
+    "truncation",
     "grid",
     "B/token",
     "entries",
@@ -780,12 +786,13 @@ def print_lossy(rows: list[dict[str, Any]]) -> None:
         [
             [
                 r["budget"],
+                "yes" if r["truncation"] else "no",
                 r["grid_step"],
                 r["bytes_per_token"],
                 r["mean_entries"],
-                r["mean_renorm_fwd"],
-                r["mean_tail_fwd"],
-                r["max_row_error"],
+                f"{r['mean_renorm_fwd']:.2e}",
+                f"{r['mean_tail_fwd']:.2e}",
+                f"{r['max_row_error']:.2e}",
                 r["encode_tokens_per_s"] / 1e3,
                 r["decode_tokens_per_s"] / 1e3,
                 "yes" if r["rows_within_budget"] else "NO",

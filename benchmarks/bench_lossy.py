@@ -6,7 +6,8 @@ Method notes
   source, positions "all", K=100, V=49152), from --real (default benchmarks/data/real-rows/k100).
   Records from HELD_OUT files are the evaluation set, the others the training set. Lossy caches
   are made from the lossless one with `logitcache.convert(..., lossy_kl=BUDGET)`, exactly what
-  `logitcache convert --lossy-kl` does.
+  `logitcache convert --lossy-kl` does; "no-trunc" caches keep every entry of each row
+  (`--lossy-no-truncation`), which separates the effect of the grid from that of truncation.
 - Student: a randomly initialised two-layer Llama (hidden 64, tied embeddings, the teacher's
   vocabulary), trained from the same initialisation (per seed) on every cache: AdamW lr 3e-3,
   --steps steps of --batch records (collate_kd), loss kd_sft_loss renorm KD (weight 1) + SFT
@@ -41,6 +42,8 @@ from logitcache.loader import collate_kd
 REAL = "benchmarks/data/real-rows/k100"
 HELD_OUT = ("shlex.py", "colorsys.py")
 BUDGETS = (0.01, 0.02)
+# Budgets also trained on with every entry kept (quantisation only), to tell the two apart.
+NO_TRUNCATION_BUDGETS = (0.01,)
 KD_WEIGHT, SFT_WEIGHT = 1.0, 0.4
 
 
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument(
+        "--no-truncation-budgets", type=float, nargs="*", default=list(NO_TRUNCATION_BUDGETS)
+    )
     parser.add_argument("--output", default="bench_lossy")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -135,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench-lossy-")
     try:
         caches = {"lossless": args.real}
-        for budget in args.budgets:
-            url = f"{tmp}/lossy-{budget}"
-            convert(args.real, url, lossy_kl=budget, progress=False)
-            caches[f"lossy {budget}"] = url
+        variants = [(b, True) for b in args.budgets]
+        variants += [(b, False) for b in args.no_truncation_budgets]
+        for budget, truncate in variants:
+            name = f"lossy {budget}" + ("" if truncate else " no-trunc")
+            url = f"{tmp}/{name.replace(' ', '-')}"
+            convert(args.real, url, lossy_kl=budget, lossy_truncate=truncate, progress=False)
+            caches[name] = url
         sizes, rows = {}, []
         with open_cache(args.real) as cache:
             vocab_size = cache.manifest.vocab_size

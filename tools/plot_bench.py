@@ -72,13 +72,23 @@ def plot_lossy(plt, configs: list[dict], path: Path) -> None:
     the lossless entropy-coded and default sizes for reference."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cfg in configs:
-        rows = cfg["lossy"]
+        rows = [r for r in cfg["lossy"] if r.get("truncation", True)]
         line = ax.plot(
             [r["mean_renorm_fwd"] for r in rows],
             [r["bytes_per_token"] for r in rows],
             marker="o",
             label=f"lossy, K={cfg['k']} (budgets {', '.join(str(r['budget']) for r in rows)})",
         )
+        kept = [r for r in cfg["lossy"] if not r.get("truncation", True)]
+        if kept:
+            ax.plot(
+                [r["mean_renorm_fwd"] for r in kept],
+                [r["bytes_per_token"] for r in kept],
+                marker="x",
+                linestyle="none",
+                color=line[0].get_color(),
+                label=f"lossy without truncation, K={cfg['k']}",
+            )
         for r in cfg["results"]:
             if r["name"].startswith(("ours entropy", "ours default")):
                 ax.axhline(
