@@ -782,8 +782,6 @@ def ans_ids_decode(
         c = label[e]
         members[fill_at[c]] = distinct[e]
         fill_at[c] += 1
-    # A class token >= classes (a table's filler token) finds first[c + 1] <= first[c]
-    # and is refused as an index outside its class.
     k = row_length
     n = out.shape[0]
     stamp = np.full(k, -1, dtype=np.int64)
@@ -808,8 +806,10 @@ def ans_ids_decode(
             s, pos = _renorm(s, buf, pos)
             s, idx, pos = _raw(s, cl, buf, pos)
             s0, s1, s2, s3 = s1, s2, s3, s
-            at = first[cl] + np.int64(idx)
-            bad |= at >= first[cl + 1]
+            # Class c starts at rank 2^c - 1 and an index has c bits, so only the last class
+            # can overflow, past rank d - 1 (a class >= the classes lands there too).
+            at = (np.int64(1) << np.int64(cl)) - 1 + np.int64(idx)
+            bad |= at >= d
             out[i + c] = members[min(at, d - 1)]
         step += width - f
         x[step & 3], x[(step + 1) & 3], x[(step + 2) & 3], x[(step + 3) & 3] = s0, s1, s2, s3
