@@ -11,8 +11,8 @@ manifest metadata records each file's path, size and XXH3-64, so a run on anothe
 version is told apart). Each file is tokenized whole (no chat template), cut into windows of
 WINDOW tokens that start with a fresh context (BOS is not added), and each window is one
 record. The teacher runs in float32 on the CPU; log-softmax over the full vocabulary in
-float32, top-K on those values. About 450 tokens/s on 2 cores: the default `--tokens 24576`
-takes a minute or two after the ~15 s it takes to load the GGUF file.
+float32, top-K on those values. The default `--tokens 24576` (52 windows of 8 files) took 20
+minutes on 2 cores shared with other work, after about 30 s to load the GGUF file.
 
     python tools/real_rows.py benchmarks/data/real-rows          # what bench_codec reads
 """
