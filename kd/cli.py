@@ -73,10 +73,135 @@ def run_export(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kd train
+
+
+def add_train(sub) -> None:
+    from .config import keys_help
+
+    p = sub.add_parser(
+        "train",
+        help="train a student on a logit cache (top-K KD + SFT cross-entropy)",
+        description="Train a student causal LM on a logit cache: the KD loss against the "
+        "teacher's cached top-K plus the SFT cross-entropy, with AdamW and a warmup + cosine "
+        "schedule. Settings come from a TOML file and/or KEY=VALUE arguments (which win); the "
+        "run writes OUTPUT_DIR/run.toml (reproduces it), metrics.jsonl, loss.png, "
+        "checkpoints/step-N and model/. Under torchrun each process trains a shard of the "
+        "data (DDP, or FSDP2 with distributed=fsdp).",
+        epilog="keys (KEY = default  meaning):\n" + keys_help() + "\n\nexample:\n"
+        "  kd train --config run.toml max_steps=200 lr=2e-4\n"
+        "  torchrun --nproc-per-node 2 -m kd.cli train --config run.toml distributed=fsdp",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="TOML", help="a TOML file of KEY = VALUE settings")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue the run in output_dir exactly: from its latest checkpoint, a step "
+        "number or a checkpoint directory",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings (see below)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def run_train(args) -> int:
+    from .config import KEYS, load_config
+    from .train import train
+
+    overrides = list(args.overrides)
+    resume = args.resume
+    if resume and "=" in resume and resume.split("=", 1)[0] in KEYS:
+        # `--resume key=value`: the option took its default, the word is a setting.
+        overrides.insert(0, resume)
+        resume = "latest"
+    config = load_config(args.config, overrides)
+    train(config, resume=resume, progress=not args.quiet)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# kd eval
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a model on held-out data: cross-entropy, token accuracy, KL to the teacher",
+        description="Score a causal LM (a transformers directory with safetensors weights) on "
+        "held-out data: the response-token cross-entropy (nats per target token), the token "
+        "accuracy (argmax == target) and, when DATA is a logit cache, the KL from the teacher's "
+        "top-K (renormalised over the K ids) to the student.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    p.add_argument(
+        "--data", required=True, metavar="CACHE_OR_ROWS", help="a logit cache, or jsonl/Parquet"
+    )
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="records per batch (8)")
+    p.add_argument("--max-records", type=int, default=0, help="score the first N records (0: all)")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=2048,
+        help="jsonl/Parquet rows: truncate to this many tokens (2048)",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="jsonl/Parquet rows: render prompt/response pairs with the chat template",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    p.add_argument(
+        "--storage-options", metavar="JSON", help="fsspec options for a remote cache, as JSON"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_eval(args) -> int:
+    import json
+
+    from .evaluate import evaluate_model
+
+    options = None
+    if args.storage_options:
+        try:
+            options = json.loads(args.storage_options)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--storage-options is not JSON: {exc}") from None
+    result = evaluate_model(
+        args.model,
+        args.data,
+        batch_size=args.batch_size,
+        max_records=args.max_records,
+        max_length=args.max_length,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        storage_options=options,
+        chat_template=args.chat_template,
+    )
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, **result.as_dict()}))
+        return EXIT_OK
+    print(
+        f"model {args.model} on {args.data}: {result.records:,} records, "
+        f"{result.targets:,} target tokens"
+    )
+    print(f"  cross-entropy   {result.ce:.4f} nats/token")
+    print(f"  token accuracy  {result.accuracy:.4f}")
+    if result.kl is not None:
+        print(f"  KL to teacher   {result.kl:.4f} nats/token (top-K, renormalised)")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 
 # name -> (add the subparser, run the parsed arguments)
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "export": (add_export, run_export),
+    "train": (add_train, run_train),
+    "eval": (add_eval, run_eval),
 }
 
 

@@ -15,6 +15,11 @@ teacher logprobs l_1..l_K (full-vocabulary log-softmax at temperature 1), temper
   it at 1e-8, which differs from this loss when the student's outside mass is below 1e-8.
   Defined at tau = 1 only. When K == V there is no outside bucket and it is dropped.
 - ``reverse``: sum_k q_k (log q_k - log p_k) with p, q as in ``renorm``.
+- ``jsd`` (generalised Jensen-Shannon of the GKD paper, TRL's and Liger's ``beta``, axolotl's
+  ``kd_beta``): with p, q as in ``renorm`` and m = beta * p + (1 - beta) * q,
+  KD = beta * KL(p || m) + (1 - beta) * KL(q || m). JSD(beta) vanishes as beta -> 0 or 1 (like
+  beta * KL(p || q) and (1 - beta) * KL(q || p)), so, as in those libraries, beta = 0 is defined
+  as the forward KL (``renorm``) and beta = 1 as the reverse KL (``reverse``).
 
 With ``scale_by_t2`` the KD term is multiplied by tau**2 (Hinton et al.). The SFT cross-entropy is
 at tau = 1 over the full vocabulary, whatever tau the KD term uses; NeMo-Aligner's SFT term at
@@ -25,6 +30,10 @@ Averaging: ``kd`` is the mean over rows that have teacher data (M_kd rows), ``ce
 over rows whose target is not ``IGNORE_INDEX`` (M_ce rows), and
 ``total = kd_weight * kd + sft_weight * ce``; an empty set gives 0 for its part, never NaN.
 ``reduction="sum"`` returns sums instead, for callers that normalise by a global token count.
+
+``vocab_size`` (default: every row of the lm_head) keeps a student's padding columns out of both
+softmaxes, as DistillKit does: a Qwen2.5 student scores 152064 columns for 151936 real tokens,
+and the columns past ``vocab_size`` get no probability mass and no gradient.
 
 Teacher ids in a row must be distinct (they are a top-K) and logprobs finite and <= 0; fp16
 logprobs from the cache are computed in fp32 (fp64 when the student runs in fp64).
@@ -48,6 +57,7 @@ softmax(z) (or of softmax(z / tau)) plus K columns for ``teacher_renorm`` and ``
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -58,7 +68,7 @@ IGNORE_INDEX = -100
 PAD_LOGPROB = -65504.0
 # Stands in for -inf at padded entries: exp() of it is 0 and products with 0 stay finite.
 _ABSENT = -1e30
-KD_MODES = ("renorm", "teacher_renorm", "tail", "reverse")
+KD_MODES = ("renorm", "teacher_renorm", "tail", "reverse", "jsd")
 REDUCTIONS = ("mean", "sum")
 BACKENDS = ("torch",)
 
@@ -178,6 +188,7 @@ class _Spec(NamedTuple):
     kd_weight: float
     sft_weight: float
     reduction: str
+    beta: float = 0.5  # jsd only: the weight of the teacher in the mixture
 
 
 class _Plan(NamedTuple):
@@ -234,6 +245,34 @@ def _make_spec(
         sft_weight=float(sft_weight),
         reduction=reduction,
     )
+
+
+def _with_beta(spec: _Spec, beta: float, where: str) -> _Spec:
+    """Check ``beta`` and resolve the jsd end points to the KL they are defined as."""
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(
+            f"{where}: beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {beta}"
+        )
+    if spec.mode == "jsd" and beta in (0.0, 1.0):
+        return spec._replace(mode="renorm" if beta == 0.0 else "reverse", beta=beta)
+    return spec._replace(beta=beta)
+
+
+def _check_vocab_size(vocab_size: int | None, columns: int, where: str) -> int:
+    """The columns that take part in the softmax: the first ``vocab_size`` of ``columns``."""
+    if vocab_size is None:
+        return columns
+    try:
+        vocab_size = operator.index(vocab_size)
+    except TypeError:
+        raise ValueError(f"{where}: vocab_size must be an integer, got {vocab_size!r}") from None
+    if not 1 <= vocab_size <= columns:
+        raise ValueError(
+            f"{where}: vocab_size {vocab_size} is not in [1, {columns}], the student's "
+            "output columns; pass the number of real tokens of a padded vocabulary"
+        )
+    return vocab_size
 
 
 def _first_bad_row(bad: torch.Tensor) -> int:
@@ -413,6 +452,8 @@ def reference_kd_sft_loss(
     temperature: float = 1.0,
     scale_by_t2: bool = False,
     reduction: str = "mean",
+    beta: float = 0.5,
+    vocab_size: int | None = None,
 ) -> KDSFTLoss:
     """KD + SFT loss from materialised student logits [M, V]; the plain version for tests.
 
@@ -421,8 +462,10 @@ def reference_kd_sft_loss(
     """
     where = "reference_kd_sft_loss"
     spec = _make_spec(mode, kd_weight, sft_weight, temperature, scale_by_t2, reduction, where)
+    spec = _with_beta(spec, beta, where)
     if logits.dim() != 2:
         raise ValueError(f"{where}: logits must be [M, V], got shape {tuple(logits.shape)}")
+    logits = logits[:, : _check_vocab_size(vocab_size, logits.shape[1], where)]
     dtype = _compute_dtype(logits.dtype)
     n_rows, vocab = logits.shape
     plan = _plan_rows(
@@ -465,6 +508,12 @@ def _reference_kd(
         log_q = torch.log_softmax(z_k / tau, dim=1)
     if spec.mode == "reverse":
         return (log_q.exp() * (log_q - log_p)).sum(1)
+    if spec.mode == "jsd":
+        beta = spec.beta
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        return beta * (log_p.exp() * (log_p - log_m)).sum(1) + (1 - beta) * (
+            log_q.exp() * (log_q - log_m)
+        ).sum(1)
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
@@ -489,6 +538,8 @@ def kd_sft_loss(
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str = "torch",
+    beta: float = 0.5,
+    vocab_size: int | None = None,
 ) -> KDSFTLoss:
     """KD + SFT loss from hidden states [M, D] and the lm_head ``weight`` [V, D] (+ ``bias`` [V]).
 
@@ -496,6 +547,8 @@ def kd_sft_loss(
     ``kd_ids`` [M_kd, K] and ``kd_logprobs`` [M_kd, K] the teacher rows, describing rows
     ``kd_rows`` [M_kd] (default: row j for teacher row j, which needs M_kd == M). ``chunk_size``
     rows are processed at a time (default: as many as fit ``DEFAULT_CHUNK_BYTES`` of logits).
+    ``beta`` weighs the teacher in mode ``jsd``; ``vocab_size`` limits the softmax to the first
+    ``vocab_size`` rows of ``weight`` (the rest, a padded vocabulary's, get zero gradient).
 
     Gradients reach ``hidden``, ``weight`` and ``bias`` through ``total``; the ``kd`` and ``ce``
     parts are returned detached, for logging. The gradients are computed during the forward pass
@@ -507,6 +560,7 @@ def kd_sft_loss(
             f"{where}: backend {backend!r} is not available; implemented: {', '.join(BACKENDS)}"
         )
     spec = _make_spec(mode, kd_weight, sft_weight, temperature, scale_by_t2, reduction, where)
+    spec = _with_beta(spec, beta, where)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"{where}: hidden must be [M, D] and weight [V, D] with the same D, got "
@@ -526,6 +580,11 @@ def kd_sft_loss(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{where}: chunk_size must be >= 1, got {chunk_size}")
+    vocab_size = _check_vocab_size(vocab_size, vocab, where)
+    if vocab_size < vocab:
+        # Slices are views: autograd gives the padding rows a zero gradient.
+        weight, vocab = weight[:vocab_size], vocab_size
+        bias = None if bias is None else bias[:vocab_size]
     dtype = _compute_dtype(hidden.dtype)
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * dtype.itemsize))
@@ -698,6 +757,15 @@ def _chunk_loss_and_grad(
                 if spec.mode == "reverse":
                     kd_rows = (q * (log_q - log_p)).sum(1, keepdim=True)
                     grad_k = (b / tau) * q * (log_q - log_p - kd_rows)
+                elif spec.mode == "jsd":
+                    beta = spec.beta
+                    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+                    kd_rows = beta * (p * (log_p - log_m)).sum(1, keepdim=True) + (1 - beta) * (
+                        q * (log_q - log_m)
+                    ).sum(1, keepdim=True)
+                    # d JSD / d q_k = (1 - beta) log(q_k / m_k), through the softmax over K.
+                    g = (1 - beta) * (log_q - log_m)
+                    grad_k = (b / tau) * q * (g - (q * g).sum(1, keepdim=True))
                 else:
                     kd_rows = (p * (log_p - log_q)).sum(1, keepdim=True)
                     grad_k = (b / tau) * (q - p)

@@ -606,3 +606,143 @@ def test_fused_rejects_mismatched_shapes_and_unknown_backends():
         kd_sft_loss(case["hidden"].float(), case["weight"], *args)
     with pytest.raises(ValueError, match="backend 'liger' is not available"):
         kd_sft_loss(case["hidden"], case["weight"], *args, backend="liger")
+
+
+# ------------------------------------------------------------------------------ jsd and beta
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_fused_gradients_equal_reference_autograd(beta, temperature):
+    case = make_case(kd_rows=[0, 2, 3, 5, 7, 8, 9, 10, 11, 12], ignored=(3, 6), seed=21)
+    assert_same(
+        case,
+        mode="jsd",
+        beta=beta,
+        temperature=temperature,
+        scale_by_t2=True,
+        kd_weight=0.7,
+        sft_weight=0.4,
+    )
+
+
+@pytest.mark.parametrize("beta", [0.2, 0.5, 0.8])
+def test_jsd_is_the_generalised_jensen_shannon_divergence(beta):
+    gen = torch.Generator().manual_seed(22)
+    m, v = 5, 9
+    z = torch.randn(m, v, generator=gen, dtype=F64)
+    teacher = torch.log_softmax(torch.randn(m, v, generator=gen, dtype=F64), dim=1)
+    lp, ids = teacher.topk(v, dim=1)  # K == V: the renormalised top-K is the whole distribution
+    p, q = teacher.exp(), torch.softmax(z, dim=1)
+    mix = beta * p + (1 - beta) * q
+    want = beta * _full_kl(teacher, mix.log()) + (1 - beta) * _full_kl(q.log(), mix.log())
+    targets = torch.full((m,), IGNORE_INDEX)
+    got = reference_kd_sft_loss(z, targets, ids, lp, mode="jsd", beta=beta)
+    torch.testing.assert_close(got.kd, want, **TIGHT)
+    fused = kd_sft_loss(z, torch.eye(v, dtype=F64), targets, ids, lp, mode="jsd", beta=beta)
+    torch.testing.assert_close(fused.kd, want, **TIGHT)
+
+
+def test_jsd_end_points_are_forward_and_reverse_kl_and_the_middle_is_symmetric():
+    case = make_case(seed=23)
+    logits = case["hidden"] @ case["weight"].t()
+    args = (logits, case["targets"], case["kd_ids"], case["kd_logprobs"])
+    forward = reference_kd_sft_loss(*args, mode="renorm")
+    reverse = reference_kd_sft_loss(*args, mode="reverse")
+    torch.testing.assert_close(reference_kd_sft_loss(*args, mode="jsd", beta=0.0).kd, forward.kd)
+    torch.testing.assert_close(reference_kd_sft_loss(*args, mode="jsd", beta=1.0).kd, reverse.kd)
+    # Close to the end points JSD(beta) behaves like beta * forward and (1 - beta) * reverse.
+    small = 1e-8
+    near_0 = reference_kd_sft_loss(*args, mode="jsd", beta=small).kd / small
+    near_1 = reference_kd_sft_loss(*args, mode="jsd", beta=1 - small).kd / small
+    torch.testing.assert_close(near_0, forward.kd, rtol=1e-5, atol=0)
+    torch.testing.assert_close(near_1, reverse.kd, rtol=1e-5, atol=0)
+    # JSD(1/2) is symmetric: swapping teacher and student keeps the value (K == V here).
+    gen = torch.Generator().manual_seed(24)
+    a = torch.log_softmax(torch.randn(4, 6, generator=gen, dtype=F64), dim=1)
+    b = torch.log_softmax(torch.randn(4, 6, generator=gen, dtype=F64), dim=1)
+    ids = torch.arange(6).expand(4, 6)
+    none = torch.full((4,), IGNORE_INDEX)
+    ab = reference_kd_sft_loss(b, none, ids, a, mode="jsd", beta=0.5).kd
+    ba = reference_kd_sft_loss(a, none, ids, b, mode="jsd", beta=0.5).kd
+    torch.testing.assert_close(ab, ba, **TIGHT)
+    assert 0 < float(ab) <= math.log(2)
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan")])
+def test_beta_outside_0_1_is_a_clear_error(beta):
+    case = make_case()
+    with pytest.raises(ValueError, match="beta must be in"):
+        kd_sft_loss(
+            case["hidden"],
+            case["weight"],
+            case["targets"],
+            case["kd_ids"],
+            case["kd_logprobs"],
+            mode="jsd",
+            beta=beta,
+        )
+
+
+# ------------------------------------------------------------------------------ vocab_size
+
+
+@pytest.mark.parametrize("mode", KD_MODES)
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_vocab_size_fused_gradients_equal_reference_autograd(mode, use_bias):
+    # 50 real tokens in a 64-column lm_head: ids and targets stay below 50.
+    case = make_case(v=50, kd_rows=[0, 1, 2, 4, 5, 8, 9, 11], ignored=(3,), seed=25)
+    gen = torch.Generator().manual_seed(26)
+    pad = 14
+    case["weight"] = torch.cat([case["weight"], torch.randn(pad, 8, generator=gen, dtype=F64)])
+    case["bias"] = torch.cat([case["bias"], torch.randn(pad, generator=gen, dtype=F64) + 5])
+    (fused, fused_grads), (ref, ref_grads) = fused_and_reference(
+        case, use_bias=use_bias, mode=mode, vocab_size=50, kd_weight=0.6, sft_weight=0.3
+    )
+    for a, b in [(fused.total, ref.total), (fused.kd, ref.kd), (fused.ce, ref.ce)]:
+        torch.testing.assert_close(a, b, **TIGHT)
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
+    # The padding columns take no part: zero gradient, and the same loss as a 50-row lm_head.
+    for grad in fused_grads[1:]:
+        assert torch.count_nonzero(grad[50:]) == 0
+    trimmed = dict(case, weight=case["weight"][:50], bias=case["bias"][:50])
+    (plain, _), _ = fused_and_reference(
+        trimmed, use_bias=use_bias, mode=mode, kd_weight=0.6, sft_weight=0.3
+    )
+    torch.testing.assert_close(fused.total, plain.total, **TIGHT)
+
+
+def test_vocab_size_rejects_ids_of_the_padding_columns_and_bad_sizes():
+    case = make_case(v=50)
+    weight = torch.cat([case["weight"], torch.zeros(6, 8, dtype=F64)])
+    targets = case["targets"].clone()
+    targets[2] = 52
+    with pytest.raises(ValueError, match=r"targets\[2\] = 52 is outside"):
+        kd_sft_loss(
+            case["hidden"], weight, targets, case["kd_ids"], case["kd_logprobs"], vocab_size=50
+        )
+    ids = case["kd_ids"].clone()
+    ids[4, 1] = 51
+    with pytest.raises(ValueError, match="teacher row 4 has token id 51"):
+        kd_sft_loss(
+            case["hidden"], weight, case["targets"], ids, case["kd_logprobs"], vocab_size=50
+        )
+    for bad in (0, 57, 2.5):
+        with pytest.raises(ValueError, match="vocab_size"):
+            kd_sft_loss(
+                case["hidden"],
+                weight,
+                case["targets"],
+                case["kd_ids"],
+                case["kd_logprobs"],
+                vocab_size=bad,
+            )
+        with pytest.raises(ValueError, match="vocab_size"):
+            reference_kd_sft_loss(
+                case["hidden"] @ weight.t(),
+                case["targets"],
+                case["kd_ids"],
+                case["kd_logprobs"],
+                vocab_size=bad,
+            )

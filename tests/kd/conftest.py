@@ -136,3 +136,11 @@ def cli_env() -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["TQDM_DISABLE"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def kd_inputs(tmp_path_factory, tiny_tokenizer):
+    """A trained tiny teacher, its train and held-out logit caches, held-out jsonl, a student."""
+    from .kd_helpers import make_kd_inputs
+
+    return make_kd_inputs(tmp_path_factory.mktemp("kd-inputs"), tiny_tokenizer)
