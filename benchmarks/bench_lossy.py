@@ -8,12 +8,13 @@ Method notes
   are made from the lossless one with `logitcache.convert(..., lossy_kl=BUDGET)`, exactly what
   `logitcache convert --lossy-kl` does; "no-trunc" caches keep every entry of each row
   (`--lossy-no-truncation`), which separates the effect of the grid from that of truncation.
-- Student: a randomly initialised two-layer Llama (hidden 64, tied embeddings, the teacher's
-  vocabulary), trained from the same initialisation (per seed) on every cache: AdamW lr 3e-3,
-  --steps steps of --batch records (collate_kd), loss kd_sft_loss renorm KD (weight 1) + SFT
-  cross-entropy (weight 0.4), the weights of NeMo-Aligner's tutorial.
-- Evaluation: on the held-out records, always against the lossless teacher rows: mean
-  cross-entropy of the true next tokens and mean KL (renorm, the training loss's KD term).
+- Training: `kd.train` (what `kd train` runs) of a randomly initialised two-layer Llama
+  (hidden 64, tied embeddings, the teacher's tokenizer and vocabulary; student_init=random, so
+  every cache starts from the same weights per seed): AdamW lr 3e-3 with cosine decay, --steps
+  steps of --batch records, renorm KD (weight 1) + SFT cross-entropy (weight 0.4), the weights
+  of NeMo-Aligner's tutorial.
+- Evaluation: kd.train's final eval on the held-out records, always the lossless teacher rows
+  (a cache of them, `eval_data`): cross-entropy of the true next tokens and KL to the teacher.
 - Noise: every cache is trained with --seeds seeds (initialisation and batch order); the
   run-to-run noise is the spread between seeds on the lossless cache, and a lossy cache passes
   when its mean differs from the lossless mean by no more than that spread.
@@ -34,10 +35,8 @@ import numpy as np
 import torch
 from common import format_table, write_results
 
-from kd.losses import gather_target_rows, kd_sft_loss
 from logitcache import open_cache
 from logitcache.convert import convert
-from logitcache.loader import collate_kd
 
 REAL = "benchmarks/data/real-rows/k100"
 HELD_OUT = ("shlex.py", "colorsys.py")
@@ -47,12 +46,16 @@ NO_TRUNCATION_BUDGETS = (0.01,)
 KD_WEIGHT, SFT_WEIGHT = 1.0, 0.4
 
 
-def build_student(vocab_size: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def write_student(path: str) -> str:
+    """A student directory for student_init=random: a tiny Llama config and the teacher's
+    tokenizer (read from the GGUF file the teacher ships in)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
+    from kd.models import load_tokenizer, packaged_gguf
+
+    tokenizer = load_tokenizer(packaged_gguf())
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -61,66 +64,66 @@ def build_student(vocab_size: int, seed: int):
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
-def split(records: list) -> tuple[list, list]:
-    held = [r for r in records if r.sample_id.split("@")[0] in HELD_OUT]
-    train = [r for r in records if r.sample_id.split("@")[0] not in HELD_OUT]
-    return train, held
+def split_cache(src: str, train_url: str, held_url: str) -> None:
+    """Training and held-out caches: records from HELD_OUT files go to the held-out one."""
+    from logitcache import CacheWriter
+
+    with open_cache(src) as cache:
+        m = cache.manifest
+        kwargs = dict(k=m.k, vocab_size=m.vocab_size, positions=m.positions, teacher=m.teacher)
+        with CacheWriter(train_url, **kwargs) as train, CacheWriter(held_url, **kwargs) as held:
+            for r in cache.iter_records():
+                writer = held if r.sample_id.split("@")[0] in HELD_OUT else train
+                writer.add(
+                    input_ids=r.input_ids,
+                    loss_mask=r.loss_mask,
+                    topk_ids=r.topk_ids,
+                    topk_logprobs=r.topk_logprobs,
+                    sample_id=r.sample_id,
+                )
 
 
-def loss_of(
-    model, batch: dict, *, mode: str = "renorm", kd_weight=KD_WEIGHT, sft_weight=SFT_WEIGHT
-):
-    hidden = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    rows = gather_target_rows(hidden, batch["labels"], batch["kd_index"])
-    return kd_sft_loss(
-        rows.hidden,
-        model.lm_head.weight,
-        rows.targets,
-        batch["kd_ids"],
-        batch["kd_logprobs"],
-        kd_rows=rows.kd_rows,
-        mode=mode,
-        kd_weight=kd_weight,
-        sft_weight=sft_weight,
+def train_and_evaluate(
+    student: str, cache: str, held: str, out: str, seed: int, args
+) -> dict[str, Any]:
+    from kd.config import TrainConfig, validate
+    from kd.train import train
+
+    config = TrainConfig(
+        student=student,
+        student_init="random",
+        cache=cache,
+        eval_data=held,
+        output_dir=out,
+        max_steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        lr_schedule="cosine",
+        seed=seed,
+        mode="renorm",
+        kd_weight=KD_WEIGHT,
+        sft_weight=SFT_WEIGHT,
+        num_workers=0,
+        eval_at_start=False,
+        log_every=max(1, args.steps),
+        plot=False,
     )
-
-
-def train(records: list, vocab_size: int, seed: int, steps: int, batch: int, lr: float):
-    model = build_student(vocab_size, seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch:
-            order += rng.permutation(len(records)).tolist()
-        picked, order = order[:batch], order[batch:]
-        loss = loss_of(model, collate_kd([records[i] for i in picked], positions="all"))
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        opt.step()
-    return model
-
-
-@torch.no_grad()
-def evaluate(model, held: list) -> dict[str, float]:
-    """Token-weighted mean cross-entropy and KL (renorm) over the held-out records."""
-    model.eval()
-    ce = kl = 0.0
-    tokens = 0
-    for i in range(0, len(held), 4):
-        batch = collate_kd(held[i : i + 4], positions="all")
-        loss = loss_of(model, batch, kd_weight=1.0, sft_weight=1.0)
-        n = int(batch["kd_index"].numel())
-        ce += float(loss.ce) * n
-        kl += float(loss.kd) * n
-        tokens += n
-    return {"ce": ce / tokens, "kl": kl / tokens, "tokens": tokens}
+    validate(config)
+    start = time.perf_counter()
+    result = train(config, progress=False)
+    final = result.summary["eval"]
+    return {
+        "ce": final["eval_ce"],
+        "kl": final["eval_kd"],
+        "accuracy": final.get("eval_accuracy"),
+        "targets": final.get("eval_targets"),
+        "train_s": time.perf_counter() - start,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,31 +143,30 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="bench-lossy-")
     try:
-        caches = {"lossless": args.real}
+        student = write_student(f"{tmp}/student")
+        held = f"{tmp}/held-out"
+        caches = {"lossless": f"{tmp}/train"}
+        split_cache(args.real, caches["lossless"], held)
         variants = [(b, True) for b in args.budgets]
         variants += [(b, False) for b in args.no_truncation_budgets]
         for budget, truncate in variants:
             name = f"lossy {budget}" + ("" if truncate else " no-trunc")
             url = f"{tmp}/{name.replace(' ', '-')}"
-            convert(args.real, url, lossy_kl=budget, lossy_truncate=truncate, progress=False)
+            convert(
+                caches["lossless"], url, lossy_kl=budget, lossy_truncate=truncate, progress=False
+            )
             caches[name] = url
         sizes, rows = {}, []
-        with open_cache(args.real) as cache:
-            vocab_size = cache.manifest.vocab_size
-            _, held = split(list(cache.iter_records()))  # evaluated against lossless rows
         for name, url in caches.items():
             with open_cache(url) as cache:
-                records = list(cache.iter_records())
                 sizes[name] = cache.manifest.bytes / cache.manifest.targets
-            training, _ = split(records)
             for seed in range(args.seeds):
-                start = time.perf_counter()
-                model = train(training, vocab_size, seed, args.steps, args.batch, args.lr)
-                result = evaluate(model, held)
-                rows.append(
-                    {"cache": name, "seed": seed, **result, "train_s": time.perf_counter() - start}
+                out = f"{tmp}/run-{name.replace(' ', '-')}-{seed}"
+                result = train_and_evaluate(student, url, held, out, seed, args)
+                rows.append({"cache": name, "seed": seed, **result})
+                print(
+                    f"{name} seed {seed}: ce {result['ce']:.4f} kl {result['kl']:.4f}", flush=True
                 )
-                print(f"{name} seed {seed}: ce {result['ce']:.4f} kl {result['kl']:.4f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "seeds": args.seeds,
             "held_out_files": list(HELD_OUT),
-            "held_out_targets": rows[0]["tokens"] if rows else 0,
+            "held_out_targets": rows[0]["targets"] if rows else 0,
             "runs": rows,
             "summary": summary,
         },
