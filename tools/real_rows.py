@@ -87,6 +87,7 @@ def build(out: str, *, tokens: int, threads: int | None, overwrite: bool) -> dic
 
     from kd.models import load_model, packaged_gguf
     from logitcache import CacheWriter
+    from logitcache.identity import tokenizer_identity
 
     if threads:
         torch.set_num_threads(threads)
@@ -106,6 +107,7 @@ def build(out: str, *, tokens: int, threads: int | None, overwrite: bool) -> dic
         }
     }
     teacher = {k: loaded.identity[k] for k in ("name", "architecture") if k in loaded.identity}
+    tokenizer_id = tokenizer_identity(tokenizer, name="SmolLM2-135M-Instruct")
     paths = {k: os.path.join(out, f"k{k}") for k in (K_MAX, K_SMALL)}
     writers = {
         k: CacheWriter(
@@ -114,6 +116,7 @@ def build(out: str, *, tokens: int, threads: int | None, overwrite: bool) -> dic
             vocab_size=vocab,
             positions="all",
             teacher=teacher or {"name": "SmolLM2-135M-Instruct"},
+            tokenizer=tokenizer_id,
             metadata=metadata,
             overwrite=overwrite,
         )
