@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench vectors clean
+.PHONY: demo test lint format bench bench-deps vectors clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
+
+# The loader's peers for benchmarks/bench_loader.py (MosaicML streaming, HF datasets, Lance).
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -c benchmarks/constraints-bench.txt \
+		datasets pylance brotli catalogue python-snappy zstd
+	$(BIN)/python -m pip install -q -c constraints.txt -c benchmarks/constraints-bench.txt \
+		--no-deps mosaicml-streaming
 
 vectors: $(STAMP)
 	$(BIN)/python tools/make_spec_vectors.py

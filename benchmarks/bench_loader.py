@@ -1,264 +1,348 @@
-"""Target tokens per second delivered as collated KD batches: local, S3 (cold, warm), Parquet.
+"""logitcache against its peers as a KD data loader: size, random access, scans, DataLoader
+throughput, time to first batch and peak memory, every tool measured in the same run.
 
-The same synthetic records (K=100) are read through LogitCacheLoader from a local cache
-(memory-mapped), from moto's S3 server on loopback with a cold and a warm local shard cache,
-and from a Parquet export read with pyarrow; each with 0, 1 and 2 DataLoader workers.
+Tools: logitcache (this checkout, default writer settings), logitcache@main (the code of the
+`main` branch reading a cache with its 2 MiB chunks: the "before" of this comparison),
+MosaicML streaming MDS raw and with zstd, HF datasets (Arrow on disk), Parquet (pyarrow, zstd,
+byte stream split, 64-record row groups) and Lance. The peers are installed by `make
+bench-deps` (benchmarks/constraints-bench.txt); `make test` does not need them.
 
 Method notes
-- Data: logitcache.synthetic.synthetic_records(--records, k=100, vocab_size=32000, mean
-  length 256), written once with CacheWriter (shard_bytes 8 MiB so there are several shards).
-- A run iterates one epoch with --batch-size records per batch (8 by default) and collate_kd
-  (shuffle on, window 4096).
-  tokens/s = teacher rows (kd_index entries) delivered / wall time of the whole epoch, worker
-  start-up and the first shuffle window included. Forkserver workers fork from a server that
-  has preloaded torch and logitcache; one untimed warm-up epoch per configuration runs first
-  (numba compiles its kernels once per process). Medians of --repeats runs.
-- S3 cold: an empty local shard cache per run (every shard is downloaded during the epoch,
-  prefetched 2 ahead). S3 warm: the shard cache was filled by an earlier run. moto runs as a
-  separate process on 127.0.0.1; forkserver workers for S3, fork for local and Parquet.
-- Parquet: logitcache.interop.parquet.write_parquet with float16 logprobs, 64 records per row
-  group; an IterableDataset reads row groups (split across workers) with pyarrow and builds
-  Records from the flat Arrow buffers, then the same collate_kd.
-- The machine is shared: other processes may take CPU time; "per core" is the 0-worker row.
+- Data: 5,000 records of 128..2048 tokens (uniform), the second half of each supervised,
+  K=100 rows of logitcache.synthetic's teacher over V=128256 (Zipf-like ids), written once
+  with CacheWriter and copied losslessly into every other format (flat list columns for the
+  table formats: N*K values per row). Files stay in the page cache (warm).
+- Every tool hands out the same logitcache Record (numpy arrays) and every batch goes
+  through the same collate_kd (batch 8).
+- random: records/s of `get(i)` for --reads random indices (or as many as --seconds allow)
+  after one warm-up read (logitcache
+  `cache[i]`, MDS `StreamingDataset[i]`, HF `ds[i:i+1]`, Parquet: the row group, Lance
+  `take([i])`).
+- scan: target tokens/s of every record in storage order, to numpy Records.
+- loader: target tokens/s of a shuffled DataLoader over the first --limit records, counted
+  from `import torch` (start-up included), with 0 and 2 workers (fork). logitcache:
+  LogitCacheDataset + LogitCacheLoader; MDS: StreamingDataset(shuffle=True); the table formats:
+  blocks of 64 records in random order split across workers, shuffled within each block.
+- first batch: seconds from the end of `import torch` to the first batch in a fresh process
+  with 0 workers (library imports, opening, planning, decoding, collating), wall and CPU.
+- memory: the peak, sampled every 20 ms, of the summed Pss_Anon (proportional anonymous
+  memory: shared copy-on-write pages count once) of the process and its workers.
+- Each measurement is a fresh process (loader_peers.py). Rounds are interleaved (every tool
+  once per round, the order rotated each round) and the table shows medians over rounds.
+- The machine is shared: wall-clock figures move with other people's load (the load average
+  is recorded); ratios within a round are what to compare. The CPU-time rates (records or
+  tokens per CPU second of the measuring process) move less with load; for multi-threaded
+  tools (Lance) they overstate what one core delivers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import numpy as np
-import torch
 from common import format_table, write_results  # noqa: I001 -- puts the repo on sys.path
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from logitcache import CacheWriter, Record, open_cache
-from logitcache.interop.parquet import export_header, write_parquet
-from logitcache.loader import LogitCacheDataset, LogitCacheLoader, collate_kd
-from logitcache.synthetic import synthetic_records
+from logitcache import CacheWriter, open_cache
 
-K = 100
-VOCAB = 32000
-BATCH = 8
-WINDOW = 4096  # records per shuffle window, fixed so runs compare across cache sizes
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = os.path.join(HERE, "loader_peers.py")
+sys.path.insert(0, HERE)
+from loader_peers import (  # noqa: E402
+    TOOLS,
+    VOCAB,
+    K,
+    disk_bytes,
+    reset_mds_zstd,
+    synthetic_benchmark_records,
+    warm_page_cache,
+)
 
-
-class ParquetKD(IterableDataset):
-    """Records of a Parquet export, row groups split across DataLoader workers."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __iter__(self):
-        import pyarrow.parquet as pq
-
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        pf = pq.ParquetFile(self.path)
-        for group in range(worker, pf.num_row_groups, workers):
-            table = pf.read_row_group(group)
-            yield from _records(table)
+MAIN_CHUNK_BYTES = 2 << 20  # the writer's default on main
 
 
-def _flat(column):
-    """(values, offsets) of a list<...> column with one chunk."""
-    arr = column.combine_chunks()
-    return arr.values, arr.offsets.to_numpy()
-
-
-def _records(table):
-    ids_v, ids_o = _flat(table.column("input_ids"))
-    mask_v, _ = _flat(table.column("loss_mask"))
-    tok_v, tok_o = _flat(table.column("topk_ids"))
-    lp_v, _ = _flat(table.column("topk_logprobs"))
-    input_ids = ids_v.to_numpy()
-    loss_mask = mask_v.to_numpy(zero_copy_only=False)
-    topk_ids = tok_v.values.to_numpy().reshape(-1, K)
-    topk_lp = lp_v.values.to_numpy().reshape(-1, K)
-    sample_ids = table.column("sample_id").to_pylist()
-    for i in range(table.num_rows):
-        t0, t1 = ids_o[i], ids_o[i + 1]
-        n0, n1 = tok_o[i], tok_o[i + 1]
-        yield Record(
-            input_ids[t0:t1], loss_mask[t0:t1], topk_ids[n0:n1], topk_lp[n0:n1], sample_ids[i]
-        )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def _run(args: list[str], env: dict | None = None, timeout: int = 900) -> dict:
+    proc = subprocess.run(
+        [sys.executable, PEERS, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
     )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
 
 
-def _epoch_rate(loader) -> tuple[float, int]:
-    """(target tokens per second over one whole epoch, target tokens delivered)."""
-    start = time.perf_counter()
-    total = 0
-    for batch in loader:
-        total += batch["kd_index"].numel()
-    return total / (time.perf_counter() - start), total
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def prepare(work: str, records: int, tools: list[str]) -> dict[str, str]:
+    """Write the data set once per tool (kept in `work` for later runs); returns tool -> path."""
+    os.makedirs(work, exist_ok=True)
+    paths = {tool: os.path.join(work, tool.replace("@", "-")) for tool in tools}
+    paths["parquet"] = os.path.join(work, "records.parquet")
+    source = paths["logitcache"] = os.path.join(work, "logitcache")
+    marker = os.path.join(work, "records.json")
+    if _read_json(marker) != {"records": records}:
+        shutil.rmtree(source, ignore_errors=True)
+        t0 = time.perf_counter()
+        with CacheWriter(source, k=K, vocab_size=VOCAB, overwrite=True) as w:
+            for record in synthetic_benchmark_records(records):
+                w.add(**record)
+        with open(marker, "w") as f:
+            json.dump({"records": records}, f)
+        print(f"logitcache cache written in {time.perf_counter() - t0:.0f} s", flush=True)
+    for tool in tools:
+        path = paths[tool]
+        if tool == "logitcache" or os.path.exists(path + ".done"):
+            continue
+        t0 = time.perf_counter()
+        shutil.rmtree(path, ignore_errors=True)
+        if tool == "logitcache@main":
+            with (
+                open_cache(source) as cache,
+                CacheWriter(path, k=K, vocab_size=VOCAB, chunk_bytes=MAIN_CHUNK_BYTES) as w,
+            ):
+                for r in cache.iter_records():
+                    w.add(
+                        input_ids=r.input_ids,
+                        loss_mask=r.loss_mask,
+                        topk_ids=r.topk_ids,
+                        topk_logprobs=r.topk_logprobs,
+                        sample_id=r.sample_id,
+                    )
+        else:
+            _run(["write", "--tool", tool, "--cache", source, "--path", path], timeout=3600)
+        open(path + ".done", "w").close()
+        print(f"{tool}: written in {time.perf_counter() - t0:.0f} s", flush=True)
+    return paths
+
+
+def main_snapshot(work: str) -> str | None:
+    """The logitcache package of the `main` branch, extracted for logitcache@main."""
+    out = os.path.join(work, "main-src")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    try:
+        archive = subprocess.run(
+            ["git", "-C", os.path.dirname(HERE), "archive", "main", "logitcache"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out
+
+
+MEASURES = [
+    # (key, label, higher is better)
+    ("bytes_per_target", "bytes / target", False),
+    ("random_records_per_s", "random records/s", True),
+    ("random_records_per_cpu_s", "random records/cpu-s", True),
+    ("scan_targets_per_s", "scan target tok/s", True),
+    ("scan_targets_per_cpu_s", "scan tok/cpu-s", True),
+    ("loader0_targets_per_s", "loader 0w tok/s", True),
+    ("loader2_targets_per_s", "loader 2w tok/s", True),
+    ("first_batch_s", "first batch s", False),
+    ("first_batch_cpu_s", "first batch cpu s", False),
+    ("peak_anon0_mb", "peak anon 0w MB", False),
+    ("peak_anon2_mb", "peak anon 2w MB", False),
+]
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def measure(tools, paths, args, main_src) -> tuple[dict, list]:
+    runs: dict[str, dict[str, list[float]]] = {t: {} for t in tools}
+    loads = []
+    for rnd in range(args.repeats):
+        order = tools[rnd % len(tools) :] + tools[: rnd % len(tools)]
+        for tool in order:
+            env = {"LOGITCACHE_SRC": main_src} if tool == "logitcache@main" else {}
+            common = ["measure", "--tool", tool, "--path", paths[tool], "--seed", str(rnd)]
+            got: dict[str, float] = {}
+            loads.append(_load())
+            for what, extra in (
+                ("random", ["--reads", str(args.reads), "--seconds", str(args.seconds)]),
+                ("scan", []),
+                ("loader0", ["--workers", "0"]),
+                ("loader2", ["--workers", "2"]),
+            ):
+                if tool == "mds-zstd":
+                    reset_mds_zstd(paths[tool])
+                warm_page_cache(paths[tool])
+                if what.startswith("loader"):
+                    extra += ["--limit", str(args.limit), "--batch-size", str(args.batch_size)]
+                out = _run([*common, "--what", what.rstrip("02"), *extra], env)
+                if what == "loader0":
+                    got["first_batch_s"] = out["first_batch_s"]
+                    got["first_batch_cpu_s"] = out["first_batch_cpu_s"]
+                if what.startswith("loader"):
+                    got[f"{what}_targets_per_s"] = out["loader_targets_per_s"]
+                    got[f"peak_anon{what[-1]}_mb"] = out["peak_anon_bytes"] / 2**20
+                else:
+                    got.update(out)
+            for key, value in got.items():
+                runs[tool].setdefault(key, []).append(value)
+            print(
+                f"round {rnd + 1} {tool:16s} random {got['random_records_per_s']:8.0f}/s  "
+                f"scan {got['scan_targets_per_s']:10,.0f}  2w {got['loader2_targets_per_s']:9,.0f}"
+                f"  first {got['first_batch_s']:.2f}s  mem {got['peak_anon0_mb']:.0f}/"
+                f"{got['peak_anon2_mb']:.0f} MB  (load {loads[-1]:.1f})",
+                flush=True,
+            )
+    return runs, loads
+
+
+def goals(med: dict) -> list[str]:
+    """The issue's goals, each with whether this run reached it."""
+    lc, before = med["logitcache"], med.get("logitcache@main", {})
+    out = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"[{'reached' if ok else 'NOT reached'}] {text}")
+
+    if "lance" in med:
+        r = lc["random_records_per_s"] / med["lance"]["random_records_per_s"]
+        line(r >= 2, f"random access {r:.2f}x Lance (goal >= 2x)")
+    line(
+        lc["random_records_per_s"] >= 2000,
+        f"random access {lc['random_records_per_s']:,.0f} records/s, "
+        f"{lc['random_records_per_cpu_s']:,.0f} per CPU second (goal >= 2,000)",
+    )
+    if before:
+        size = lc["bytes_per_target"] / before["bytes_per_target"] - 1
+        line(size <= 0.02, f"files {size:+.1%} vs 2 MiB chunks (goal <= +2%)")
+        scan = lc["scan_targets_per_s"] / before["scan_targets_per_s"]
+        line(scan >= 1, f"scan {scan:.2f}x logitcache@main (goal >= 1x)")
+    if "mds" in med:
+        mds = med["mds"]
+        r = lc["scan_targets_per_s"] / mds["scan_targets_per_s"]
+        rc = lc["scan_targets_per_cpu_s"] / mds["scan_targets_per_cpu_s"]
+        line(r >= 1, f"full scan {r:.2f}x raw MDS, {rc:.2f}x per CPU second (goal >= 1x)")
+        for w in (0, 2):
+            d = lc[f"peak_anon{w}_mb"] - mds[f"peak_anon{w}_mb"]
+            line(d <= 100, f"peak anon memory, {w} workers: {d:+.0f} MB vs raw MDS (goal <= +100)")
+    line(
+        lc["first_batch_s"] <= 1.0,
+        f"first batch {lc['first_batch_s']:.2f} s wall, {lc['first_batch_cpu_s']:.2f} s CPU "
+        "beyond import torch (goal <= 1.0 s)",
+    )
+    return out
+
+
+def plot(med: dict, tools: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [m for m in MEASURES if "cpu" not in m[0]]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (key, label, higher) in zip(axes.flat, keys, strict=False):
+        values = [med[t].get(key, 0) for t in tools]
+        colors = ["tab:blue" if t == "logitcache" else "tab:gray" for t in tools]
+        ax.barh(range(len(tools)), values, color=colors)
+        ax.set_yticks(range(len(tools)), tools, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:,.0f}" if v >= 100 else f" {v:.2f}", va="center", fontsize=7)
+        ax.set_xlim(0, max(values) * 1.25 if max(values) > 0 else 1)
+    fig.suptitle("KD data loaders, same data and run (medians of interleaved rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=1500)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--batch-size", type=int, default=BATCH, help="records per batch")
-    ap.add_argument("--output", default="bench_loader", help="results/NAME.json to write")
+    ap.add_argument("--records", type=int, default=5000)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--reads", type=int, default=1000, help="random reads per round")
+    ap.add_argument("--seconds", type=float, default=15.0, help="time cap of the random reads")
+    ap.add_argument("--limit", type=int, default=2000, help="records per DataLoader run")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--work", default=None, help="data directory, kept for later runs")
+    ap.add_argument("--output", default="bench_loader")
+    ap.add_argument("--prepare-only", action="store_true", help="write the data sets and stop")
     args = ap.parse_args()
-    import multiprocessing
+    tools = list(dict.fromkeys(["logitcache", *args.tools]))
+    work = args.work or os.path.join("/tmp", f"bench-loader-{args.records}")
+    main_src = main_snapshot(work) if "logitcache@main" in tools else None
+    if "logitcache@main" in tools and main_src is None:
+        print("no `main` branch to compare with: logitcache@main skipped")
+        tools.remove("logitcache@main")
+    paths = prepare(work, args.records, tools)
+    if args.prepare_only:
+        return
+    with open_cache(paths["logitcache"]) as cache:
+        m = cache.manifest
+        targets, n_records = m.targets, m.records
+    sizes = {t: disk_bytes(paths[t]) for t in tools}
+    print(f"{n_records} records, {targets:,} targets, load {_load():.1f}", flush=True)
 
-    multiprocessing.set_forkserver_preload(["torch", "logitcache.loader", "logitcache.storage"])
-
-    work = tempfile.mkdtemp(prefix="bench-loader-")
-    moto, endpoint = _start_moto()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    options = {
-        "key": "bench",
-        "secret": "bench",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    try:
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        ).create_bucket(Bucket="bench")
-        local = os.path.join(work, "cache")
-        s3_url = "s3://bench/cache"
-        t0 = time.perf_counter()
-        records = list(
-            synthetic_records(args.records, k=K, vocab_size=VOCAB, mean_length=256, seed=0)
+    runs, loads = measure(tools, paths, args, main_src)
+    med = {t: {k: statistics.median(v) for k, v in runs[t].items()} for t in tools}
+    for t in tools:
+        med[t]["bytes_per_target"] = sizes[t] / targets
+        assert runs[t]["scan_targets"][0] == targets, (t, runs[t]["scan_targets"])
+    headers = ["tool", *[label for _, label, _ in MEASURES]]
+    rows = [[t, *[med[t][key] for key, _, _ in MEASURES]] for t in tools]
+    print()
+    print(format_table(headers, rows))
+    ratio_rows = []
+    for t in tools:
+        ratio_rows.append(
+            [t]
+            + [
+                med["logitcache"][key] / med[t][key]
+                if higher
+                else med[t][key] / med["logitcache"][key]
+                for key, _, higher in MEASURES
+            ]
         )
-        for url, opts in ((local, None), (s3_url, options)):
-            with CacheWriter(
-                url, k=K, vocab_size=VOCAB, storage_options=opts, shard_bytes=8 << 20
-            ) as w:
-                for kw in records:
-                    w.add(**kw)
-        with open_cache(local) as cache:
-            manifest = cache.manifest
-            parquet = os.path.join(work, "records.parquet")
-            header = export_header(k=K, vocab_size=VOCAB, positions=manifest.positions)
-            write_parquet(
-                cache.iter_records(),
-                parquet,
-                header=header,
-                logprob_dtype="float16",
-                records_per_group=64,
-            )
-        del records
-        print(
-            f"{manifest.records} records, {manifest.targets:,} target tokens, "
-            f"{len(manifest.shards)} shards, {manifest.bytes / 2**20:.1f} MiB "
-            f"(parquet {os.path.getsize(parquet) / 2**20:.1f} MiB); setup "
-            f"{time.perf_counter() - t0:.0f}s",
-            flush=True,
-        )
-
-        warm_dir = os.path.join(work, "warm")
-
-        def run(source: str, workers: int) -> tuple[float, int]:
-            if source == "parquet":
-                loader = DataLoader(
-                    ParquetKD(parquet),
-                    batch_size=args.batch_size,
-                    num_workers=workers,
-                    collate_fn=collate_kd,
-                )
-                return _epoch_rate(loader)
-            if source == "local":
-                ds = LogitCacheDataset(local, shuffle_window=WINDOW)
-            else:
-                cache_dir = warm_dir if source == "s3 warm" else tempfile.mkdtemp(dir=work)
-                ds = LogitCacheDataset(
-                    s3_url, storage_options=options, cache_dir=cache_dir, shuffle_window=WINDOW
-                )
-            rate = _epoch_rate(LogitCacheLoader(ds, args.batch_size, num_workers=workers))
-            if source == "s3 cold":
-                shutil.rmtree(cache_dir, ignore_errors=True)
-            return rate
-
-        # Fill the warm shard cache once.
-        list(LogitCacheDataset(s3_url, storage_options=options, cache_dir=warm_dir))
-
-        rows, results = [], []
-        for workers in args.workers:
-            base = None
-            for source in ("local", "s3 cold", "s3 warm", "parquet"):
-                rates = []
-                run(source, workers)  # warm-up
-                for _ in range(args.repeats):
-                    rate, tokens = run(source, workers)
-                    assert tokens == manifest.targets, (source, workers, tokens)
-                    rates.append(rate)
-                median = statistics.median(rates)
-                base = base or median
-                results.append(
-                    {"source": source, "workers": workers, "tokens_per_s": median, "runs": rates}
-                )
-                rows.append([source, workers, median, median / base])
-                print(
-                    format_table(
-                        ["source", "workers", "target tok/s", "x local"], rows[-1:]
-                    ).splitlines()[-1],
-                    flush=True,
-                )
-        print()
-        print(format_table(["source", "workers", "target tok/s", "x local"], rows))
-        path = write_results(
-            args.output,
-            {
-                "records": manifest.records,
-                "targets": manifest.targets,
-                "k": K,
-                "vocab_size": VOCAB,
-                "batch_size": args.batch_size,
-                "shards": len(manifest.shards),
-                "cache_bytes": manifest.bytes,
-                "parquet_bytes": os.path.getsize(parquet),
-                "repeats": args.repeats,
-                "torch": torch.__version__,
-                "numpy": np.__version__,
-                "results": results,
-            },
-        )
-        print(f"wrote {path}")
-    finally:
-        moto.kill()
-        moto.wait()
-        shutil.rmtree(work, ignore_errors=True)
+    print("\nlogitcache's advantage (>1: logitcache better; lower-is-better measures inverted)")
+    print(format_table(headers, ratio_rows))
+    verdicts = goals(med)
+    print("\n" + "\n".join(verdicts))
+    png = os.path.join(HERE, "results", f"{args.output}.png")
+    os.makedirs(os.path.dirname(png), exist_ok=True)
+    plot(med, tools, png)
+    path = write_results(
+        args.output,
+        {
+            "records": n_records,
+            "targets": targets,
+            "k": K,
+            "vocab_size": VOCAB,
+            "batch_size": args.batch_size,
+            "reads": args.reads,
+            "loader_records": args.limit,
+            "repeats": args.repeats,
+            "load_average_during_rounds": loads,
+            "disk_bytes": sizes,
+            "median": med,
+            "runs": runs,
+            "goals": verdicts,
+            "plot": os.path.relpath(png, HERE),
+        },
+    )
+    print(f"wrote {path} and {png}")
 
 
 if __name__ == "__main__":

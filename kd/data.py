@@ -199,6 +199,27 @@ def source_fingerprint(url: str, storage_options: dict | None = None) -> str:
     return "xxh3_64:" + h.hexdigest()
 
 
+def count_rows(url: str, storage_options: dict | None = None) -> int:
+    """How many rows `url` holds (non-blank lines of JSON lines files, rows of Parquet files),
+    read without parsing, to size a progress bar."""
+    import fsspec
+
+    rows = 0
+    for path in data_files(url, storage_options):
+        if _is_parquet(path):
+            import pyarrow.parquet as pq
+
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
+                try:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+                except Exception as exc:  # pyarrow raises ArrowInvalid and OSError alike
+                    raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            continue
+        with fsspec.open(path, "rb", compression="infer", **(storage_options or {})) as raw:
+            rows += sum(1 for line in raw if line.strip())
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Rows to examples
 
@@ -442,14 +463,25 @@ def iter_examples(
     skip_bad_rows: bool = False,
     stats: DataStats | None = None,
     limit: int | None = None,
+    max_rows: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Example]:
     """Examples of every row of `url` in file order; `stats` counts what was skipped and why.
 
     A bad row raises DataError (naming the file and line) unless `skip_bad_rows`, which counts
-    it instead. `limit` stops after that many examples.
+    it instead. `limit` stops after that many examples; `max_rows` reads only the first that
+    many rows. `part=(index, count)` keeps the rows whose number is `index` modulo `count`, so
+    `count` processes each take a disjoint share; the others are parsed but not tokenized, and
+    sample ids (row numbers) stay those of the whole data.
     """
     stats = stats if stats is not None else DataStats()
+    if part is not None and not (0 <= part[0] < part[1]):
+        raise ValueError(f"part={part!r}: need (index, count) with 0 <= index < count")
     for index, (where, row) in enumerate(_raw_rows(url, storage_options)):
+        if max_rows is not None and index >= max_rows:
+            return
+        if part is not None and index % part[1] != part[0]:
+            continue
         if limit is not None and stats.examples >= limit:
             return
         stats.rows += 1

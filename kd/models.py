@@ -233,8 +233,18 @@ def hash_files(paths: list[str], block: int = 8 << 20) -> str:
     return "xxh3_64:" + h.hexdigest()
 
 
-def save_hf(model, tokenizer, out_dir: str, *, overwrite: bool = False) -> str:
+def save_hf(
+    model,
+    tokenizer,
+    out_dir: str,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> str:
     """Save `model` + `tokenizer` as a transformers directory with safetensors weights.
+
+    `extra_files` (name -> text) are written into the directory before it is committed, so a
+    report travels with the weights it describes.
 
     A GGUF-loaded model carries a quantisation config that `save_pretrained` cannot write
     back, so the weights are copied into a fresh model built from a clean config. The
@@ -261,6 +271,9 @@ def save_hf(model, tokenizer, out_dir: str, *, overwrite: bool = False) -> str:
             model = fresh
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write(text)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
+from . import _numpy_kernels
 from .format import (
     COL_INPUT_IDS,
     COL_LOSS_MASK,
@@ -29,8 +30,8 @@ _KERNELS = None
 
 
 def kernels():
-    """The numba kernels, imported on first use: `import logitcache` and commands that only
-    read manifests then start without loading numba."""
+    """The numba kernels, imported on first use: `import logitcache`, commands that only read
+    manifests and readers of the default pipelines (_numpy_kernels) never load numba."""
     global _KERNELS
     if _KERNELS is None:
         from . import _kernels
@@ -204,9 +205,7 @@ class Shuffle(Codec):
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         self._check_size(buf.size, decoded_size, exact)
         self._check(buf.size)
-        out = np.empty(buf.size, dtype=np.uint8)
-        kernels().byte_unshuffle(buf, self.elementsize, out)
-        return out
+        return _numpy_kernels.byte_unshuffle(buf, self.elementsize)
 
 
 class ByteBitShuffle(Codec):
@@ -259,8 +258,13 @@ class ByteBitShuffle(Codec):
                 f"byte_bit_shuffle: {buf.size} bytes, expected "
                 f"{self.max_encoded_size(decoded_size)}"
             )
-        out = np.zeros(decoded_size, dtype=np.uint8)
-        if kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out) != 0:
+        if (self.elementsize, self.byte_planes) == (4, 2):  # token ids
+            out = np.empty(decoded_size, dtype=np.uint8)
+            status = _numpy_kernels.unshuffle_ids(buf, out)
+        else:
+            out = np.zeros(decoded_size, dtype=np.uint8)
+            status = kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out)
+        if status != 0:
             raise CodecError("byte_bit_shuffle: a padding bit is set")
         return out
 
@@ -295,9 +299,8 @@ class Fp16KeyDelta(Codec):
         self._check_size(buf.size, decoded_size, exact)
         if buf.size % 2:
             raise CodecError("fp16_key_delta: odd number of bytes")
-        out = np.empty(buf.size // 2, dtype=np.uint16)
-        kernels().fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length, out)
-        return out.view(np.uint8)
+        bits = _numpy_kernels.fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length)
+        return bits.view(np.uint8)
 
 
 class Int32Delta(Codec):

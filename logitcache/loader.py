@@ -101,16 +101,32 @@ class _CacheBacked:
 
 # More records than this per window only lengthens the permutations, not the mixing.
 MAX_SHUFFLE_WINDOW = 1 << 16
+# Decoded bytes of the records of one shuffle window: its worst-case memory (every chunk of
+# the window partly handed out at once). The chunk shuffle already spreads records over their
+# shard; the window mixes the records of each chunk with those of its neighbours.
+DEFAULT_SHUFFLE_WINDOW_BYTES = 32 << 20
 
 
 class LogitCacheDataset(_CacheBacked, IterableDataset):
     """Streams the records of a cache in a deterministic order from (seed, epoch).
 
     Order: shards permuted, chunks permuted within each shard, then records permuted within
-    windows of `shuffle_window` records (the bounded shuffle buffer). A window's chunks are
-    decoded together, so by default the window holds about `shuffle_window_bytes` of decoded
-    data (the manifest's average record size decides how many records that is): long records
-    get fewer per window instead of more memory. Ranks (torch.distributed
+    windows of `shuffle_window` records (the bounded shuffle buffer). By default a window is
+    as many records as `shuffle_window_bytes` of decoded data (the manifest's average record
+    size decides how many): long records get fewer per window instead of more memory.
+
+    How far a record moves: its shard lands anywhere in the epoch (rank and worker slices
+    included), its chunk anywhere within its shard's stretch, and the record anywhere within
+    its window of the chunk order; records stored in one chunk come out within one window
+    (plus one window if the chunk straddles two) of each other, in random order. With the
+    writer's default chunks (256 KiB decoded, one to a few records), that is close to a
+    uniform shuffle within each shard. See logitcache.shuffle.
+
+    Memory: a chunk is decoded when the window first needs one of its records and dropped
+    after its last one was handed out, so a process holds the chunks that are partly handed
+    out (at most one window's worth, `shuffle_window_bytes`; about one or two chunks with
+    single-record chunks) plus the reader's small LRU of decoded chunks. The first batch
+    waits only for its own chunks, not for a whole window. Ranks (torch.distributed
     if initialised, else `rank`/`world_size`) take contiguous slices of the epoch order, and
     DataLoader workers contiguous slices of their rank's; `uneven` says how a record count that
     does not divide evenly across ranks is handled: "pad" (default; repeats the first few
@@ -133,7 +149,7 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         shuffle: bool = True,
         seed: int = 0,
         shuffle_window: int | None = None,
-        shuffle_window_bytes: int = 256 << 20,
+        shuffle_window_bytes: int = DEFAULT_SHUFFLE_WINDOW_BYTES,
         uneven: str = "pad",
         rank: int | None = None,
         world_size: int | None = None,
@@ -241,17 +257,26 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
             seq, epoch, num_workers, worker, skip
         ):
             self._prefetch(seq, hi, stop)
-            # Decode each chunk of the window once, then hand records out in window order.
-            decoded: dict[int, list[Record]] = {}
-            for c in np.unique(chunk_ids).tolist():
-                decoded[c] = cache.read_chunk(int(table.shard[c]), int(table.chunk[c]))
-            now = {int(table.shard[c]) for c in decoded}
+            chunks, left = np.unique(chunk_ids, return_counts=True)
+            now = set(table.shard[chunks].tolist())
             self._release(held - now)
             held = now
+            # Each chunk is decoded once, when the window first needs one of its records, and
+            # let go after its last one: memory holds the chunks in progress, not the window.
+            remaining = dict(zip(chunks.tolist(), left.tolist(), strict=True))
+            decoded: dict[int, list[Record]] = {}
             for c, o in zip(chunk_ids.tolist(), offsets.tolist(), strict=True):
+                records = decoded.get(c)
+                if records is None:
+                    records = cache.read_chunk(int(table.shard[c]), int(table.chunk[c]))
+                    decoded[c] = records
+                remaining[c] -= 1
+                if not remaining[c]:
+                    del decoded[c]
                 if info is None:
                     self._yielded += 1
-                yield decoded[c][o]
+                yield records[o]
+                del records
         self._release(held)
         if info is None:
             # A finished epoch: the next iteration starts the next one from the beginning.

@@ -49,6 +49,7 @@ _HEADER = struct.Struct("<8sHHI")
 _TRAILER = struct.Struct("<QQ8s")
 COLUMN_ORDER = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 _FIX = "the file is corrupt: re-download it, or re-write the cache"
+_HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
 def checksum_hex(data) -> str:
@@ -212,6 +213,58 @@ class DecodedChunk:
     sample_ids: list[str | None] | None
 
 
+_COLUMN_INDEX = {name: i for i, name in enumerate(COLUMN_ORDER)}
+
+
+class ChunkDirectory:
+    """A shard's chunk entries in numpy arrays: a few hundred bytes a chunk, where the parsed
+    JSON took kilobytes (a process reading a large cache keeps every open shard's directory).
+
+    `directory[i]` gives chunk i as the footer describes it: {"records", "tokens", "targets",
+    "blocks": {column: (offset, length, raw_length, checksum hex)}}.
+    """
+
+    def __init__(self, chunks: list[dict]):
+        n, width = len(chunks), len(COLUMN_ORDER)
+        self.counts = np.zeros((n, 3), dtype=np.int64)  # records, tokens, targets
+        self.blocks = np.full((n, width, 3), -1, dtype=np.int64)  # offset, length, raw
+        self.checksums = np.zeros((n, width), dtype=np.uint64)
+        # Blocks whose checksum matched, so a chunk decoded again (evicted from a reader's
+        # LRU, or read by random access) is hashed once per process. The map is read-only
+        # and writers never modify a published shard in place (they write new files), so
+        # bytes verified once stay verified.
+        self.verified = np.zeros((n, width), dtype=bool)
+        for i, chunk in enumerate(chunks):
+            self.counts[i] = (chunk["records"], chunk["tokens"], chunk["targets"])
+            for name, (offset, length, raw, checksum) in chunk["blocks"].items():
+                column = _COLUMN_INDEX[name]
+                self.blocks[i, column] = (offset, length, raw)
+                self.checksums[i, column] = int(checksum, 16)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"chunk {index} out of range ({len(self)} chunks)")
+        records, tokens, targets = self.counts[index].tolist()
+        blocks = {}
+        for name, column in _COLUMN_INDEX.items():
+            offset, length, raw = self.blocks[index, column].tolist()
+            if offset >= 0:
+                blocks[name] = (offset, length, raw, f"{int(self.checksums[index, column]):016x}")
+        return {"records": records, "tokens": tokens, "targets": targets, "blocks": blocks}
+
+    def block(self, index: int, name: str) -> tuple[int, int, int, int]:
+        """(offset, length, raw_length, checksum as an integer) of a column's block."""
+        column = _COLUMN_INDEX[name]
+        offset, length, raw = self.blocks[index, column].tolist()
+        return offset, length, raw, int(self.checksums[index, column])
+
+    def has(self, index: int, name: str) -> bool:
+        return bool(self.blocks[index, _COLUMN_INDEX[name], 0] >= 0)
+
+
 class ShardFile:
     """A memory-mapped shard whose footer has been checked against its manifest entry."""
 
@@ -335,19 +388,18 @@ class ShardFile:
         chunks = footer.get("chunks")
         if not isinstance(chunks, list):
             self._fail("footer 'chunks' must be a list")
-        self.chunks = [self._parse_chunk(i, c) for i, c in enumerate(chunks)]
-        totals = {key: sum(c[key] for c in self.chunks) for key in ("records", "tokens", "targets")}
+        parsed = [self._parse_chunk(i, c) for i, c in enumerate(chunks)]
+        totals = {key: sum(c[key] for c in parsed) for key in ("records", "tokens", "targets")}
         for key, total in totals.items():
             if footer.get(key) != total:
                 self._fail(f"footer {key} {footer.get(key)!r} != sum over chunks {total}")
             if entry is not None and getattr(entry, key) != total:
                 self._fail(f"{key} {total} != manifest {getattr(entry, key)}")
-        if entry is not None and [c["records"] for c in self.chunks] != entry.chunk_records:
+        if entry is not None and [c["records"] for c in parsed] != entry.chunk_records:
             self._fail("chunk record counts differ from the manifest's chunk_records")
         self.records = totals["records"]
-        self.chunk_starts = np.concatenate(
-            [[0], np.cumsum([c["records"] for c in self.chunks], dtype=np.int64)]
-        )
+        self.chunks = ChunkDirectory(parsed)
+        self.chunk_starts = np.concatenate([[0], np.cumsum(self.chunks.counts[:, 0])])
 
     def _parse_chunk(self, index: int, chunk) -> dict:
         if not isinstance(chunk, dict):
@@ -391,7 +443,7 @@ class ShardFile:
                     self._fail(f"column {name}: '{key}' = {value!r} is not a size", index)
                 fields[key] = value
             checksum = block.get("checksum")
-            if not isinstance(checksum, str) or len(checksum) != 16:
+            if not isinstance(checksum, str) or not _HEX16.fullmatch(checksum):
                 self._fail(f"column {name}: bad checksum field {checksum!r}", index)
             offset, length, raw = fields["offset"], fields["length"], fields["raw_length"]
             if offset < HEADER_SIZE or offset + length > self.footer_start:
@@ -421,20 +473,22 @@ class ShardFile:
         return {**counts, "blocks": parsed}
 
     def block_problem(self, index: int, name: str) -> str | None:
-        offset, length, _, checksum = self.chunks[index]["blocks"][name]
-        got = checksum_hex(self.buf[offset : offset + length])
+        offset, length, _, checksum = self.chunks.block(index, name)
+        got = xxhash.xxh3_64_intdigest(self.buf[offset : offset + length])
         if got != checksum:
             return (
                 f"shard {self.name} chunk {index} column {name}: checksum mismatch "
-                f"(expected {checksum}, got {got}): {_FIX}"
+                f"(expected {checksum:016x}, got {got:016x}): {_FIX}"
             )
+        self.chunks.verified[index, _COLUMN_INDEX[name]] = True
         return None
 
     def _column(self, index: int, name: str) -> np.ndarray:
-        offset, length, raw, _ = self.chunks[index]["blocks"][name]
-        problem = self.block_problem(index, name)
-        if problem:
-            raise CorruptCacheError(problem)
+        offset, length, raw, _ = self.chunks.block(index, name)
+        if not self.chunks.verified[index, _COLUMN_INDEX[name]]:
+            problem = self.block_problem(index, name)
+            if problem:
+                raise CorruptCacheError(problem)
         data = self.buf[offset : offset + length]
         try:
             buf = self.pipelines[name].decode_bytes(data, raw)
@@ -446,8 +500,8 @@ class ShardFile:
 
     def decode_chunk(self, index: int) -> DecodedChunk:
         """Decode and check one chunk; every offset is validated before it is used."""
-        chunk = self.chunks[index]
-        r, t, n, k = chunk["records"], chunk["tokens"], chunk["targets"], self.k
+        r, t, n = self.chunks.counts[index].tolist()
+        k = self.k
         lengths = self._column(index, COL_RECORD_LENGTHS)
         if lengths.min() < 1 or int(lengths.sum(dtype=np.int64)) != t:
             self._fail("record lengths do not add up to the chunk's tokens", index)
@@ -468,14 +522,15 @@ class ShardFile:
         if target_starts[-1] != n:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
         input_ids = self._column(index, COL_INPUT_IDS)
+        topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
         topk_ids = self._column(index, COL_TOPK_IDS).reshape(n, k)
         for name, ids in ((COL_INPUT_IDS, input_ids), (COL_TOPK_IDS, topk_ids)):
-            # An id outside the vocabulary would index out of bounds in any consumer.
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            # An id outside the vocabulary would index out of bounds in any consumer. As
+            # uint32 a negative id is above any vocabulary: one pass checks both ends.
+            if ids.size and ids.view(np.uint32).max() >= self.vocab_size:
                 self._fail(f"{name} holds ids outside [0, vocab_size={self.vocab_size})", index)
-        topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
         sample_ids = None
-        if COL_SAMPLE_ID_LENGTHS in chunk["blocks"]:
+        if self.chunks.has(index, COL_SAMPLE_ID_LENGTHS):
             sample_ids = self._sample_ids(index, r)
         for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
             array.flags.writeable = False

@@ -2,6 +2,19 @@
 
 Shards are permuted, then the chunks inside each shard, so a reader still moves through one
 shard at a time; a bounded window permutation then mixes records across neighbouring chunks.
+
+How far a record moves (W: records per window, c: records in its chunk):
+- its shard takes any place in the shard order, so the record may land anywhere in the epoch;
+- its chunk takes any place among the chunks of its shard: the record lands anywhere in its
+  shard's stretch of the epoch, uniformly over chunk positions;
+- within the window holding its chunk's slot it takes any place: it moves up to W - 1
+  positions from that slot, and records of one chunk come out within W - 1 positions of each
+  other (2W - 1 when the chunk straddles two windows), in random order.
+What is not mixed: records of one shard stay in one stretch of the epoch (as with any
+shard-by-shard reader), and the c records of a chunk stay within a window of each other. With
+small chunks (c of 1 to a few, the writer's default of 256 KiB) the order within a shard is
+close to a uniform permutation. Ranks and workers take contiguous slices of this order
+(logitcache.partition), so each sees a random subset of the shards' stretches.
 """
 
 from __future__ import annotations

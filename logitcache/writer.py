@@ -72,6 +72,13 @@ def _exp_table() -> np.ndarray:
     return _EXP_TABLE
 
 
+# Decoded bytes after which a chunk is closed. A random read decodes a whole chunk, so small
+# chunks make single reads cheap: at 256 KiB a chunk holds one record of ~1,000 tokens (K=100)
+# or a few short ones; files are ~1.7% larger than with 2 MiB chunks (more zstd frames and
+# footer entries). Measured by benchmarks/bench_loader.py.
+DEFAULT_CHUNK_BYTES = 256 << 10
+
+
 class CacheWriter:
     """Write a logit cache at `url` (a directory or any fsspec URL).
 
@@ -111,7 +118,7 @@ class CacheWriter:
         tokenizer: dict | None = None,
         metadata: dict | None = None,
         codecs: dict[str, list[dict[str, Any]]] | None = None,
-        chunk_bytes: int = 2 << 20,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         shard_bytes: int = 256 << 20,
         rank: int | None = None,
         world_size: int | None = None,

@@ -1,0 +1,170 @@
+"""The numpy decoders of the read path give exactly what the numba kernels give, and reading
+a cache neither loads numba nor hashes a block twice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from logitcache import CacheWriter, open_cache
+from logitcache import _kernels as jit
+from logitcache import _numpy_kernels as npk
+from logitcache.codecs import ByteBitShuffle, CodecError
+from logitcache.shard import ShardFile
+from logitcache.synthetic import synthetic_records
+from logitcache.writer import DEFAULT_CHUNK_BYTES
+
+RNG = np.random.default_rng(15)
+
+
+@pytest.mark.parametrize("elementsize", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_byte_unshuffle_matches_the_kernel(elementsize, n):
+    src = RNG.integers(0, 256, n * elementsize, dtype=np.uint8)
+    want = np.empty_like(src)
+    jit.byte_unshuffle(src, elementsize, want)
+    assert np.array_equal(npk.byte_unshuffle(src, elementsize), want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 9, 64, 1001])
+@pytest.mark.parametrize("high", [1 << 16, 1 << 17, 1 << 24, 1 << 32])
+def test_id_unshuffle_matches_the_kernel(n, high):
+    values = RNG.integers(0, high, n, dtype=np.uint64).astype(np.uint32)
+    values[::3] = RNG.integers(0, 256, values[::3].size)  # mostly small, some planes empty
+    raw = values.view(np.uint8)
+    codec = ByteBitShuffle(4, 2)
+    encoded = codec.encode(raw)
+    want = np.zeros(raw.size, dtype=np.uint8)
+    assert jit.byte_bit_unshuffle(encoded, 4, 2, want) == 0
+    got = np.full(raw.size, 0xAB, dtype=np.uint8)  # every byte must be written
+    assert npk.unshuffle_ids(encoded, got) == 0
+    assert np.array_equal(got, want)
+    assert np.array_equal(codec.decode(encoded, raw.size), raw)
+
+
+@pytest.mark.parametrize("plane", [0, 7, 15])
+def test_id_unshuffle_refuses_a_set_padding_bit(plane):
+    n = 13  # 2 bytes per bit plane, 3 padding bits in the second
+    encoded = ByteBitShuffle(4, 2).encode(np.arange(n, dtype=np.uint32).view(np.uint8))
+    encoded[2 * n + plane * 2 + 1] |= 1
+    out = np.empty(4 * n, dtype=np.uint8)
+    assert npk.unshuffle_ids(encoded, out) == -1
+    assert jit.byte_bit_unshuffle(encoded, 4, 2, np.zeros(4 * n, dtype=np.uint8)) == -1
+    with pytest.raises(CodecError, match="padding bit"):
+        ByteBitShuffle(4, 2).decode(encoded, 4 * n)
+
+
+@pytest.mark.parametrize("row_length", [1, 3, 100])
+@pytest.mark.parametrize("n", [0, 1, 99, 100, 301, 5000])
+def test_fp16_key_delta_decode_matches_the_kernel_for_any_bits(row_length, n):
+    bits = RNG.integers(0, 1 << 16, n, dtype=np.uint32).astype(np.uint16)
+    bits[: min(n, 6)] = [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7FFF, 0xFFFF][: min(n, 6)]
+    deltas = np.empty_like(bits)
+    jit.fp16_key_delta_encode(bits, row_length, deltas)
+    want = np.empty_like(bits)
+    jit.fp16_key_delta_decode(deltas, row_length, want)
+    assert np.array_equal(want, bits)
+    assert np.array_equal(npk.fp16_key_delta_decode(deltas, row_length), bits)
+
+
+def test_all_fp16_bit_patterns_round_trip():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    deltas = np.empty_like(bits)
+    jit.fp16_key_delta_encode(bits, 128, deltas)
+    assert np.array_equal(npk.fp16_key_delta_decode(deltas, 128), bits)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("read") / "cache")
+    with CacheWriter(url, k=8, vocab_size=70000, chunk_bytes=4096) as w:
+        for record in synthetic_records(40, k=8, vocab_size=70000, mean_length=40, seed=3):
+            w.add(**record)
+    return url
+
+
+def test_reading_records_does_not_load_numba(small_cache):
+    code = (
+        "import sys\n"
+        "from logitcache import open_cache\n"
+        f"cache = open_cache({small_cache!r})\n"
+        "rows = sum(r.topk_ids.shape[0] for r in cache.iter_records())\n"
+        "assert rows > 0 and cache[7].topk_ids.max() < 70000\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_block_is_hashed_once_per_process_but_verify_hashes_all(small_cache, monkeypatch):
+    calls: list[tuple[int, str]] = []
+    original = ShardFile.block_problem
+
+    def counting(self, index, name):
+        calls.append((index, name))
+        return original(self, index, name)
+
+    monkeypatch.setattr(ShardFile, "block_problem", counting)
+    with open_cache(small_cache, chunk_cache_size=1) as cache:
+        shard = cache.shard_file(0)
+        first = shard.decode_chunk(0)
+        assert len(calls) == len(shard.chunks[0]["blocks"])
+        again = shard.decode_chunk(0)  # e.g. evicted from the LRU and read again
+        assert len(calls) == len(shard.chunks[0]["blocks"])
+        assert np.array_equal(first.topk_ids, again.topk_ids)
+        calls.clear()
+        assert cache.verify() == []
+        blocks = sum(
+            len(c["blocks"])
+            for s in range(len(cache.manifest.shards))
+            for c in cache.shard_file(s).chunks
+        )
+        assert len(calls) == blocks  # a full verification still checks every block
+
+
+def test_a_damaged_block_is_caught_on_first_read(small_cache, tmp_path):
+    import shutil
+
+    from logitcache.format import CorruptCacheError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_cache, copy)
+    with open_cache(str(copy)) as cache:
+        entry = cache.manifest.shards[0]
+        offset = cache.shard_file(0).chunks[1]["blocks"]["topk_ids"][0]
+    with open(copy / entry.path, "r+b") as f:
+        f.seek(offset + 3)
+        byte = f.read(1)
+        f.seek(offset + 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open_cache(str(copy)) as cache:
+        cache[0]  # chunk 0 is sound
+        first_of_chunk_1 = cache.manifest.shards[0].chunk_records[0]
+        with pytest.raises(CorruptCacheError, match="chunk 1 column topk_ids: checksum"):
+            cache[first_of_chunk_1]
+
+
+def test_default_chunks_close_after_256_kib_of_decoded_data(tmp_path):
+    assert DEFAULT_CHUNK_BYTES == 256 << 10
+    k, rows = 100, 200  # 200 rows of K=100: 120,000 bytes of ids and logprobs per record
+    url = str(tmp_path / "cache")
+    with CacheWriter(url, k=k, vocab_size=1000) as w:
+        for record in synthetic_records(9, k=k, vocab_size=1000, mean_length=10, seed=1):
+            t = rows + 1
+            mask = np.ones(t, dtype=bool)
+            mask[0] = False
+            ids = np.tile(np.arange(k, dtype=np.int32), (rows, 1))
+            logprobs = np.tile(-np.arange(k, dtype=np.float16) - 5, (rows, 1))
+            w.add(
+                input_ids=np.zeros(t, np.int32),
+                loss_mask=mask,
+                topk_ids=ids,
+                topk_logprobs=logprobs,
+                sample_id=record["sample_id"],
+            )
+    with open_cache(url) as cache:
+        # 3 records pass 256 KiB (2 hold 241 KB): chunks of 3, 3, 3.
+        assert cache.manifest.shards[0].chunk_records == [3, 3, 3]
