@@ -6,13 +6,18 @@ calibrated against these). This runs SmolLM2-135M-Instruct (the GGUF file of the
 files, every position a target (positions "all"), and writes two caches under OUT:
 `k128/` (K=128) and `k100/` (the same rows cut to their top 100), lossless, default codecs.
 
-Selection: the files of SOURCES below, read from this interpreter's standard library (the
-manifest metadata records each file's path, size and XXH3-64, so a run on another Python
-version is told apart). Each file is tokenized whole (no chat template), cut into windows of
-WINDOW tokens that start with a fresh context (BOS is not added), and each window is one
-record. The teacher runs in float32 on the CPU; log-softmax over the full vocabulary in
-float32, top-K on those values. The default `--tokens 24576` (52 windows of 8 files) took 20
-minutes on 2 cores shared with other work, after about 30 s to load the GGUF file.
+Selection: the files of SOURCES below, read from this interpreter's standard library (OUT/
+selection.json records each file's path, size and XXH3-64, so a run on another Python version
+is told apart). Each file is tokenized whole (no chat template), cut into windows of WINDOW
+tokens that start with a fresh context (BOS is not added), and each window is one record,
+written as a token row ("input_ids", "loss_mask", "id" = FILE@OFFSET) to OUT/windows.jsonl.
+`kd cache` (`kd.teacher.cache_teacher`) scores them: float32 on the CPU, positions "all", K=128
+into OUT/k128; `logitcache.convert(..., k=100)` cuts the same rows to their top 100 into
+OUT/k100. The equivalent commands, once windows.jsonl is written:
+
+    kd cache --teacher GGUF --data OUT/windows.jsonl --out OUT/k128 --k 128 --positions all \
+        --format tokens --dtype float32 --device cpu
+    logitcache convert OUT/k128 OUT/k100 --k 100
 
     python tools/real_rows.py benchmarks/data/real-rows          # what bench_codec reads
 """
@@ -20,10 +25,10 @@ minutes on 2 cores shared with other work, after about 30 s to load the GGUF fil
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import sysconfig
-import time
 
 import numpy as np
 import xxhash
@@ -81,70 +86,52 @@ def file_identity(stdlib: str) -> list[dict]:
     return files
 
 
+def write_windows(path: str, windows: list[tuple[str, np.ndarray]]) -> None:
+    """The windows as token rows for `kd cache --format tokens` (every position a target)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for sample_id, ids in windows:
+            mask = [0] + [1] * (len(ids) - 1)
+            f.write(json.dumps({"id": sample_id, "input_ids": ids.tolist(), "loss_mask": mask}))
+            f.write("\n")
+
+
 def build(out: str, *, tokens: int, threads: int | None, overwrite: bool) -> dict[int, str]:
-    import torch
-    from tqdm import tqdm
+    from kd.models import load_tokenizer, packaged_gguf
+    from kd.teacher import cache_teacher
+    from logitcache.convert import convert
 
-    from kd.models import load_model, packaged_gguf
-    from logitcache import CacheWriter
-    from logitcache.identity import tokenizer_identity
-
-    if threads:
-        torch.set_num_threads(threads)
     stdlib = sysconfig.get_paths()["stdlib"]
-    t0 = time.perf_counter()
-    loaded = load_model(packaged_gguf(), dtype="float32")
-    print(f"loaded the teacher in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    windows = source_windows(tokenizer, stdlib, tokens)
-    metadata = {
-        "real_rows": {
-            "tool": "tools/real_rows.py",
-            "python": sys.version.split()[0],
-            "window": WINDOW,
-            "files": file_identity(stdlib),
-        }
+    gguf = packaged_gguf()
+    windows = source_windows(load_tokenizer(gguf), stdlib, tokens)
+    os.makedirs(out, exist_ok=True)
+    data = os.path.join(out, "windows.jsonl")
+    write_windows(data, windows)
+    selection = {
+        "tool": "tools/real_rows.py",
+        "python": sys.version.split()[0],
+        "window": WINDOW,
+        "windows": len(windows),
+        "targets": sum(len(ids) - 1 for _, ids in windows),
+        "files": file_identity(stdlib),
     }
-    teacher = {k: loaded.identity[k] for k in ("name", "architecture") if k in loaded.identity}
-    tokenizer_id = tokenizer_identity(tokenizer, name="SmolLM2-135M-Instruct")
+    with open(os.path.join(out, "selection.json"), "w", encoding="utf-8") as f:
+        json.dump(selection, f, indent=1)
     paths = {k: os.path.join(out, f"k{k}") for k in (K_MAX, K_SMALL)}
-    writers = {
-        k: CacheWriter(
-            path,
-            k=k,
-            vocab_size=vocab,
-            positions="all",
-            teacher=teacher or {"name": "SmolLM2-135M-Instruct"},
-            tokenizer=tokenizer_id,
-            metadata=metadata,
-            overwrite=overwrite,
-        )
-        for k, path in paths.items()
-    }
-    try:
-        with torch.inference_mode():
-            for sample_id, ids in tqdm(windows, desc="teacher", unit="window"):
-                logits = model(torch.from_numpy(ids[None].astype(np.int64))).logits[0, :-1]
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                values, top = torch.topk(logprobs, K_MAX, dim=-1)
-                values, top = values.numpy(), top.numpy().astype(np.int32)
-                mask = np.ones(len(ids), dtype=bool)
-                mask[0] = False
-                for k, writer in writers.items():
-                    writer.add(
-                        input_ids=ids,
-                        loss_mask=mask,
-                        topk_ids=top[:, :k],
-                        topk_logprobs=values[:, :k],
-                        sample_id=sample_id,
-                    )
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    for writer in writers.values():
-        writer.close()
+    summary = cache_teacher(
+        gguf,
+        data,
+        paths[K_MAX],
+        k=K_MAX,
+        positions="all",
+        row_format="tokens",
+        max_length=WINDOW,
+        dtype="float32",
+        device="cpu",
+        threads=threads,
+        overwrite=overwrite,
+    )
+    print("\n".join(summary.describe()), file=sys.stderr)
+    convert(paths[K_MAX], paths[K_SMALL], k=K_SMALL, overwrite=overwrite)
     return paths
 
 
