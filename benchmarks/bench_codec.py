@@ -31,7 +31,7 @@ Method notes
 - real rows: the real teacher's rows from `tools/real_rows.py` (SmolLM2-135M-Instruct over
   standard-library source, positions "all", K=100 and K=128, V=49152), read from --real
   (default benchmarks/data/real-rows; build it with `python tools/real_rows.py
-  benchmarks/data/real-rows`, about 20 minutes on 2 busy cores). The same methods run on them,
+  benchmarks/data/real-rows`, about 3 minutes on one busy core). The same methods run on them,
   plus lossy mode (logitcache.lossy) at several budgets: bytes of both columns per target and
   the KL of every stored row against its lossless row (both renormalised over the stored ids;
   and over the stored ids plus the outside bucket, as the `tail` loss sees them), mean and max.

@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-truncation-budgets", type=float, nargs="*", default=list(NO_TRUNCATION_BUDGETS)
     )
     parser.add_argument("--output", default="bench_lossy")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
 
     tmp = tempfile.mkdtemp(prefix="bench-lossy-")
     try:

@@ -19,6 +19,10 @@ OUT/k100. The equivalent commands, once windows.jsonl is written:
         --format tokens --dtype float32 --device cpu
     logitcache convert OUT/k128 OUT/k100 --k 100
 
+The default `--tokens 24576` is 52 windows of the first 8 files (heapq, textwrap, json's
+encoder and decoder, shlex, fnmatch, bisect, colorsys); with `--threads 1` on 2 cores shared
+with other work it took 166 s, 148 s of them scoring (166 target tokens/s).
+
     python tools/real_rows.py benchmarks/data/real-rows          # what bench_codec reads
 """
 
