@@ -75,7 +75,13 @@ def split_cache(src: str, train_url: str, held_url: str) -> None:
 
     with open_cache(src) as cache:
         m = cache.manifest
-        kwargs = dict(k=m.k, vocab_size=m.vocab_size, positions=m.positions, teacher=m.teacher)
+        kwargs = dict(
+            k=m.k,
+            vocab_size=m.vocab_size,
+            positions=m.positions,
+            teacher=m.teacher,
+            tokenizer=m.tokenizer,
+        )
         with CacheWriter(train_url, **kwargs) as train, CacheWriter(held_url, **kwargs) as held:
             for r in cache.iter_records():
                 writer = held if r.sample_id.split("@")[0] in HELD_OUT else train
