@@ -922,16 +922,24 @@ def default_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def entropy_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
-    """Pipelines with rANS entropy coding for the teacher columns (spec sections 6.8-6.10):
-    about 0.84x the bytes of the defaults on real teacher rows, at a third of the decode speed
-    (benchmarks/bench_codec.py). Pass as CacheWriter(..., codecs=entropy_pipeline_configs(k))."""
+def entropy_pipeline_configs(k: int, *, logprobs: str = "ans") -> dict[str, list[dict[str, Any]]]:
+    """Pipelines with rANS entropy coding for the teacher columns (spec sections 6.8-6.10).
+
+    The ids always go through `ans_ids`, where entropy coding gains most. `logprobs="ans"`
+    codes the logprob gaps with `ans_uint` too: the smallest lossless cache. `logprobs="zstd"`
+    leaves them to fp16_key_delta + shuffle + zstd level 1: a few bytes more per target and
+    faster decoding, since rANS decodes one symbol at a time (figures on real teacher rows in
+    benchmarks/results/bench_codec.json). Pass as CacheWriter(..., codecs=...).
+    """
+    if logprobs == "ans":
+        tail: list[dict[str, Any]] = [{"id": "ans_uint", "elementsize": 2, "row_length": k}]
+    elif logprobs == "zstd":
+        tail = [{"id": "shuffle", "elementsize": 2}, {"id": "zstd", "level": 1}]
+    else:
+        raise ValueError(f"logprobs={logprobs!r}: choose 'ans' or 'zstd'")
     return {
         COL_TOPK_IDS: [{"id": "ans_ids", "row_length": k}],
-        COL_TOPK_LOGPROBS: [
-            {"id": "fp16_key_delta", "row_length": k},
-            {"id": "ans_uint", "elementsize": 2, "row_length": k},
-        ],
+        COL_TOPK_LOGPROBS: [{"id": "fp16_key_delta", "row_length": k}, *tail],
     }
 
 

@@ -399,3 +399,31 @@ def test_the_spec_only_decoder_reads_what_the_library_writes(k, data):
     )
     block = Fp16Grid(k, step).encode(u8(bits)).tobytes()
     assert decode_fp16_grid({"row_length": k, "step": step}, block, bits.nbytes) == bits.tobytes()
+
+
+@pytest.mark.parametrize("logprobs", ["ans", "zstd"])
+def test_entropy_pipelines_round_trip_in_a_cache(tmp_path, logprobs):
+    from logitcache import CacheWriter, open_cache
+    from logitcache.codecs import entropy_pipeline_configs
+    from tests.conftest import SMALL_K, SMALL_VOCAB, make_records
+
+    codecs = entropy_pipeline_configs(SMALL_K, logprobs=logprobs)
+    records = list(make_records(5, seed=11))
+    with CacheWriter(str(tmp_path / "c"), k=SMALL_K, vocab_size=SMALL_VOCAB, codecs=codecs) as w:
+        for record in records:
+            w.add(**record)
+    with open_cache(str(tmp_path / "c")) as cache:
+        assert cache.manifest.columns["topk_logprobs"]["codecs"] == codecs["topk_logprobs"]
+        for got, want in zip(cache, records, strict=True):
+            np.testing.assert_array_equal(got.topk_ids, want["topk_ids"])
+            np.testing.assert_array_equal(
+                got.topk_logprobs.view(np.uint16),
+                np.asarray(want["topk_logprobs"], dtype=np.float16).view(np.uint16),
+            )
+
+
+def test_entropy_pipelines_refuse_an_unknown_logprob_coder():
+    from logitcache.codecs import entropy_pipeline_configs
+
+    with pytest.raises(ValueError, match="logprobs='lz4'"):
+        entropy_pipeline_configs(8, logprobs="lz4")
