@@ -11,10 +11,11 @@ Method notes
 - Training: `kd.train` (what `kd train` runs) of a randomly initialised two-layer Llama
   (hidden 64, tied embeddings, the teacher's tokenizer and vocabulary; student_init=random, so
   every cache starts from the same weights per seed): AdamW lr 3e-3 with cosine decay, --steps
-  steps of --batch records, renorm KD (weight 1) + SFT cross-entropy (weight 0.4), the weights
-  of NeMo-Aligner's tutorial.
+  steps of --batch records, KD in --mode (default renorm; weight 1) + SFT cross-entropy
+  (weight 0.4), the weights of NeMo-Aligner's tutorial.
 - Evaluation: kd.train's final eval on the held-out records, always the lossless teacher rows
-  (a cache of them, `eval_data`): cross-entropy of the true next tokens and KL to the teacher.
+  (a cache of them, `eval_data`): cross-entropy of the true next tokens and KL to the teacher
+  (kd.evaluate: over the teacher's K ids, the student renormalised over them, whatever --mode).
 - Noise: every cache is trained with --seeds seeds (initialisation and batch order); the
   run-to-run noise is the spread between seeds on the lossless cache, and a lossy cache passes
   when its mean differs from the lossless mean by no more than that spread.
@@ -111,7 +112,7 @@ def train_and_evaluate(
         lr=args.lr,
         lr_schedule="cosine",
         seed=seed,
-        mode="renorm",
+        mode=args.mode,
         kd_weight=KD_WEIGHT,
         sft_weight=SFT_WEIGHT,
         num_workers=0,
@@ -144,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-truncation-budgets", type=float, nargs="*", default=list(NO_TRUNCATION_BUDGETS)
     )
     parser.add_argument("--output", default="bench_lossy")
+    parser.add_argument(
+        "--mode",
+        default="renorm",
+        choices=["renorm", "teacher_renorm", "tail", "reverse", "jsd"],
+        help="KD loss for training (default renorm)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
@@ -229,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(
         args.output,
         {
+            "mode": args.mode,
             "steps": args.steps,
             "batch": args.batch,
             "lr": args.lr,
