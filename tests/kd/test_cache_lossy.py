@@ -82,3 +82,39 @@ def test_kd_cache_refuses_a_bad_budget(tiny_llama_dir, text_data, tmp_path):
     assert run.returncode != 0
     assert "--lossy-kl" in run.stderr and "positive" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("truncation", "mode", "kd_weight", "warns"),
+    [
+        (True, "renorm", 1.0, True),
+        (True, "jsd", 1.0, True),
+        (True, "tail", 1.0, False),
+        (True, "renorm", 0.0, False),  # plain SFT never reads the teacher columns
+        (False, "renorm", 1.0, False),
+    ],
+)
+def test_training_on_truncated_lossy_rows_warns_unless_tail(
+    tmp_path, truncation, mode, kd_weight, warns
+):
+    import warnings
+
+    from kd.config import TrainConfig
+    from kd.train import warn_if_truncated_lossy
+    from logitcache import CacheWriter
+    from logitcache.synthetic import synthetic_records
+
+    url = str(tmp_path / "lossy")
+    with CacheWriter(url, k=8, vocab_size=500, lossy_kl=0.02, lossy_truncate=truncation) as w:
+        for record in synthetic_records(3, k=8, vocab_size=500, seed=1):
+            w.add(**record)
+    config = TrainConfig(
+        student="student", cache=url, output_dir="out", mode=mode, kd_weight=kd_weight
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_truncated_lossy(open_cache(url).manifest, config)
+    messages = [str(w.message) for w in caught]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert "mode='tail'" in messages[0] and "--lossy-no-truncation" in messages[0]
