@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py demo-out
+	$(BIN)/kd demo --out demo-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

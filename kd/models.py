@@ -52,6 +52,18 @@ def packaged_gguf(dist: str = PACKAGED_TEACHER_DIST) -> str:
     return str(distribution.locate_file(files[0]))
 
 
+def silence_library_progress() -> None:
+    """Turn off the progress bars transformers and huggingface_hub draw while loading and
+    saving models, for runs asked to draw none (`--no-progress`, `--quiet`)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
+
+
 def resolve_dtype(dtype: str | None, device: str):
     """The torch dtype to run in: bf16 on CUDA and fp32 elsewhere unless given."""
     import torch
