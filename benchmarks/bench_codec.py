@@ -28,6 +28,18 @@ Method notes
   writer's default pipelines; "e2e" writes a real cache with CacheWriter (threads=1) from
   synthetic_records and reads it back with open_cache().iter_records(): bytes of the shard
   files (all columns, footers) per target token.
+- real rows: the real teacher's rows from `tools/real_rows.py` (SmolLM2-135M-Instruct over
+  standard-library source, positions "all", K=100 and K=128, V=49152), read from --real
+  (default benchmarks/data/real-rows; build it with `python tools/real_rows.py
+  benchmarks/data/real-rows`, about 3 minutes on one busy core). The same methods run on them,
+  plus lossy mode (logitcache.lossy) at several budgets: bytes of both columns per target and
+  the KL of every stored row against its lossless row (both renormalised over the stored ids;
+  and over the stored ids plus the outside bucket, as the `tail` loss sees them), mean and max.
+  The synthetic teacher's statistics are printed beside the real ones.
+- ours entropy: `ans_ids` for the ids and `fp16_key_delta` + `ans_uint` for the logprobs
+  (rANS, spec sections 6.8-6.10), `entropy_pipeline_configs(k)`; "ours entropy ids" codes
+  only the ids with rANS and the logprobs with fp16_key_delta + shuffle2 + zstd level 1,
+  `entropy_pipeline_configs(k, logprobs="zstd")`.
 - bounds: log2 C(V, K) / 8 is the entropy of a uniformly drawn K-subset of the vocabulary;
   rows in canonical order also fix which id has which logprob, log2 K! bits more for
   uniformly drawn ids (log2 of V!/(V-K)! in all). H0 is the order-0 entropy of the ids' own
@@ -56,7 +68,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import zstandard  # noqa: E402
 
-from logitcache.codecs import Pipeline, default_pipeline_configs  # noqa: E402
+from logitcache.codecs import (  # noqa: E402
+    Pipeline,
+    default_pipeline_configs,
+    entropy_pipeline_configs,
+)
 from logitcache.synthetic import (  # noqa: E402
     SyntheticTeacher,
     canonical_order,
@@ -85,7 +101,23 @@ def shuffle(size: int) -> dict[str, Any]:
     return {"id": "shuffle", "elementsize": size}
 
 
-def id_candidates() -> dict[str, list[dict[str, Any]]]:
+def ans_ids(k: int) -> dict[str, Any]:
+    return {"id": "ans_ids", "row_length": k}
+
+
+def ans_logprobs(k: int) -> list[dict[str, Any]]:
+    return [
+        {"id": "fp16_key_delta", "row_length": k},
+        {"id": "ans_uint", "elementsize": 2, "row_length": k},
+    ]
+
+
+def ans_ids_zstd_logprobs(k: int) -> list[dict[str, Any]]:
+    """The logprobs of entropy_pipeline_configs(k, logprobs="zstd")."""
+    return entropy_pipeline_configs(k, logprobs="zstd")["topk_logprobs"]
+
+
+def id_candidates(k: int) -> dict[str, list[dict[str, Any]]]:
     byte_bits = {"id": "byte_bit_shuffle", "elementsize": 4, "byte_planes": 2}
     return {
         "zstd3": [zstd3()],
@@ -97,6 +129,7 @@ def id_candidates() -> dict[str, list[dict[str, Any]]]:
         "byte_bit_shuffle4/2+zstd3": [byte_bits, zstd3()],
         "byte_bit_shuffle4/0+zstd1": [{**byte_bits, "byte_planes": 0}, zstd3(1)],
         "int_delta+shuffle4+zstd3": [{"id": "int_delta"}, shuffle(4), zstd3()],
+        "ans_ids": [ans_ids(k)],
     }
 
 
@@ -109,6 +142,7 @@ def logprob_candidates(k: int) -> dict[str, list[dict[str, Any]]]:
         "key_delta+shuffle2+zstd1": [key_delta, shuffle(2), zstd3(1)],
         "key_delta+shuffle2+zstd3": [key_delta, shuffle(2), zstd3()],
         "key_delta+shuffle2+zstd6": [key_delta, shuffle(2), zstd3(6)],
+        "key_delta+ans_uint": ans_logprobs(k),
     }
 
 
@@ -497,6 +531,14 @@ def run_config(k: int, vocab_size: int, positions: int, repeats: int, e2e: bool)
     t0 = time.perf_counter()
     ids, lp = SyntheticTeacher(vocab_size, k, seed=0).rows(positions)
     gen_s = time.perf_counter() - t0
+    cfg = run_rows(k, vocab_size, ids, lp, repeats)
+    if e2e:
+        cfg["results"].append(bench_end_to_end(k, vocab_size, positions, repeats))
+    return {**cfg, "data": "synthetic", "generate_s": gen_s}
+
+
+def run_rows(k: int, vocab_size: int, ids: np.ndarray, lp: np.ndarray, repeats: int) -> dict:
+    positions = ids.shape[0]
     rows_per_chunk = CHUNK_BYTES // (6 * k)
     chunks = [
         (ids[i : i + rows_per_chunk], lp[i : i + rows_per_chunk])
@@ -512,7 +554,7 @@ def run_config(k: int, vocab_size: int, positions: int, repeats: int, e2e: bool)
     megatron = bench_megatron(chunks, repeats, vocab_size)
     if megatron is not None:
         results.append(megatron)
-    id_results = [bench_pipeline(chunks, repeats, 0, n, c) for n, c in id_candidates().items()]
+    id_results = [bench_pipeline(chunks, repeats, 0, n, c) for n, c in id_candidates(k).items()]
     lp_results = [
         bench_pipeline(chunks, repeats, 1, n, c) for n, c in logprob_candidates(k).items()
     ]
@@ -523,15 +565,19 @@ def run_config(k: int, vocab_size: int, positions: int, repeats: int, e2e: bool)
     best_ids = min(id_results, key=lambda r: r.bytes)
     best_lp = min(lp_results, key=lambda r: r.bytes)
     results.append(combine(f"ours smallest ({best_ids.name} | {best_lp.name})", best_ids, best_lp))
+    ans_id = _find_or_run(id_results, [ans_ids(k)], chunks, repeats, 0)
+    ans_lp = _find_or_run(lp_results, ans_logprobs(k), chunks, repeats, 1)
+    results.append(combine("ours entropy (ans_ids | key_delta+ans_uint)", ans_id, ans_lp))
+    zstd_lp = _find_or_run(lp_results, ans_ids_zstd_logprobs(k), chunks, repeats, 1)
+    results.append(
+        combine("ours entropy ids (ans_ids | key_delta+shuffle2+zstd1)", ans_id, zstd_lp)
+    )
     results.append(bench_id_sorted_layout(chunks, repeats))
-    if e2e:
-        results.append(bench_end_to_end(k, vocab_size, positions, repeats))
     return {
         "k": k,
         "vocab_size": vocab_size,
         "positions": positions,
         "rows_per_chunk": rows_per_chunk,
-        "generate_s": gen_s,
         "teacher_statistics": row_statistics(ids, lp),
         "bounds": entropy_bounds(k, vocab_size, ids),
         "results": results,
@@ -572,7 +618,8 @@ def print_config(cfg: dict) -> None:
     raw, parquet = results[0], results[2]
     b = cfg["bounds"]
     print(
-        f"\n== K={cfg['k']} vocab={cfg['vocab_size']}: {cfg['positions']} positions, "
+        f"\n== {cfg['data']} rows, K={cfg['k']} vocab={cfg['vocab_size']}: "
+        f"{cfg['positions']} positions, "
         f"{cfg['rows_per_chunk']} per chunk; index-set bound {b['uniform_set_bytes']:.1f} B/token, "
         f"ordered {b['uniform_ordered_bytes']:.1f}, H0(ids) {b['h0_ids_bytes']:.1f}"
     )
@@ -595,8 +642,244 @@ def print_config(cfg: dict) -> None:
         print("\n".join("  " + line for line in table.splitlines()))
 
 
+# -- real rows: entropy coding and lossy mode ------------------------------------------------
+
+REAL_DIR = "benchmarks/data/real-rows"
+LOSSY_BUDGETS = (0.001, 0.003, 0.005, 0.01, 0.02)
+LOSSY_NO_TRUNCATION = (0.003, 0.01)  # budgets also run with every entry kept
+REAL_TARGET_PARQUET_RATIO = 0.75
+LOSSY_TARGET_BYTES, LOSSY_TARGET_MEAN_KL = 150.0, 1e-3
+
+
+def read_real_rows(root: str, k: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(topk_ids, topk_logprobs, vocab_size) of the real-row cache root/k{K}, or None."""
+    from logitcache import open_cache
+
+    path = f"{root}/k{k}"
+    try:
+        cache = open_cache(path)
+    except Exception:  # noqa: BLE001 - absent or unreadable: the caller says how to build it
+        return None
+    with cache:
+        records = list(cache.iter_records())
+        return (
+            np.concatenate([r.topk_ids for r in records]),
+            np.concatenate([r.topk_logprobs for r in records]),
+            cache.manifest.vocab_size,
+        )
+
+
+def row_measures(
+    ids: np.ndarray, lp: np.ndarray, out_ids: np.ndarray, out_lp: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per row KLs of stored rows against lossless ones, entries matched by id: renorm over
+    the stored ids (both directions), tail (stored ids + outside bucket, both directions), and
+    the truncation cost log(mass of all K / mass of the stored ids)."""
+    n, k = ids.shape
+    stored = out_lp.astype(np.float64) > -65504.0
+    order = np.argsort(ids, axis=1)
+    sorted_ids = np.take_along_axis(ids, order, axis=1)
+    row = np.arange(n)[:, None]
+    # Row r's sorted ids shifted by r << 32 make one sorted array: one searchsorted finds
+    # every stored id in its row.
+    flat = (sorted_ids.astype(np.int64) + (row << 32)).reshape(-1)
+    keys = (out_ids.astype(np.int64) + (row << 32)).reshape(-1)
+    where = np.searchsorted(flat, keys).reshape(n, k) - row * k
+    src = np.take_along_axis(order, np.clip(where, 0, k - 1), axis=1)
+    p_all = np.exp(lp.astype(np.float64))
+    p = np.where(stored, np.take_along_axis(p_all, src, axis=1), 0.0)
+    q = np.where(stored, np.exp(out_lp.astype(np.float64)), 0.0)
+    mp, mq = p.sum(1), q.sum(1)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = a * (np.log(a) - np.log(b))
+        t[a == 0] = 0.0
+        return t.sum(-1) if t.ndim == 2 else t
+
+    pn, qn = p / mp[:, None], q / mq[:, None]
+    pt, qt = np.maximum(0, 1 - mp), np.maximum(0, 1 - mq)
+    zp, zq = mp + pt, mq + qt
+    tp, tq = p / zp[:, None], q / zq[:, None]
+    return {
+        "renorm_fwd": kl(pn, qn),
+        "renorm_rev": kl(qn, pn),
+        "tail_fwd": kl(tp, tq) + kl(pt / zp, qt / zq),
+        "tail_rev": kl(tq, tp) + kl(qt / zq, pt / zp),
+        "truncation": np.log(p_all.sum(1) / mp),
+    }
+
+
+def bench_lossy(ids: np.ndarray, lp: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """Lossy mode on the rows at each budget: size of both columns, speed, exact KLs."""
+    variants = [(b, True) for b in LOSSY_BUDGETS] + [(b, False) for b in LOSSY_NO_TRUNCATION]
+    return [_lossy_at(budget, truncate, ids, lp, repeats) for budget, truncate in variants]
+
+
+def _lossy_at(
+    budget: float, truncate: bool, ids: np.ndarray, lp: np.ndarray, repeats: int
+) -> dict[str, Any]:
+    from logitcache.lossy import LossyRows
+
+    k = ids.shape[1]
+    rows_per_chunk = CHUNK_BYTES // (6 * k)
+    chunks = [
+        (ids[i : i + rows_per_chunk], lp[i : i + rows_per_chunk])
+        for i in range(0, len(ids), rows_per_chunk)
+    ]
+    lossy = LossyRows(budget, k, truncation=truncate)
+    pipes = {name: Pipeline.from_config(c) for name, c in lossy.pipelines().items()}
+
+    def encode(cs: Chunks) -> list:
+        """The writer's work: lossy rows (quantise, truncate, check, sort), then the codecs."""
+        blobs = []
+        for a, b in cs:
+            qa, qb = LossyRows(budget, k, truncation=truncate).apply(a.copy(), b.copy())
+            blobs.append((pipes["topk_ids"].encode(qa), pipes["topk_logprobs"].encode(qb), qa, qb))
+        return blobs
+
+    def decode(blobs: list) -> list:
+        return [
+            (
+                pipes["topk_ids"].decode(a, np.int32, qa.size).reshape(-1, k),
+                pipes["topk_logprobs"].decode(b, np.float16, qb.size).reshape(-1, k),
+            )
+            for a, b, qa, qb in blobs
+        ]
+
+    encode_t, blobs = median_time(lambda: encode(chunks), repeats)
+    decode_t, decoded = median_time(lambda: decode(blobs), repeats)
+    exact = all(
+        np.array_equal(x[0], blob[2])
+        and np.array_equal(x[1].view(np.uint16), blob[3].view(np.uint16))
+        for x, blob in zip(decoded, blobs, strict=True)
+    )
+    out_ids = np.concatenate([b[2] for b in blobs])
+    out_lp = np.concatenate([b[3] for b in blobs])
+    m = row_measures(ids, lp, out_ids, out_lp)
+    lossy.apply(ids.copy(), lp.copy())  # the writer's own accounting (rows stored exactly)
+    size = sum(len(a) + len(b) for a, b, _, _ in blobs)
+    row_error = np.maximum.reduce(
+        [m["renorm_fwd"], m["renorm_rev"] + m["truncation"], m["tail_fwd"], m["tail_rev"]]
+    )
+    return {
+        "budget": budget,
+        "truncation": truncate,
+        "grid_step": lossy.step,
+        "bytes_per_token": size / len(ids),
+        "encode_tokens_per_s": len(ids) / encode_t.cpu_s,
+        "decode_tokens_per_s": len(ids) / decode_t.cpu_s,
+        "decoded_exactly": exact,
+        "mean_entries": float((out_lp.astype(np.float64) > -65504).sum(1).mean()),
+        "exact_rows": lossy.stats.exact_rows,
+        **{f"mean_{key}": float(v.mean()) for key, v in m.items()},
+        **{f"max_{key}": float(v.max()) for key, v in m.items()},
+        "max_row_error": float(row_error.max()),
+        "rows_within_budget": bool((row_error <= budget * (1 + 1e-9)).all()),
+    }
+
+
+LOSSY_HEADERS = [
+    "budget",
+    "truncation",
+    "grid",
+    "B/token",
+    "entries",
+    "mean KL renorm",
+    "mean KL tail",
+    "max row error",
+    "enc ktok/s",
+    "dec ktok/s",
+    "in budget",
+]
+
+
+def print_lossy(rows: list[dict[str, Any]]) -> None:
+    print("  lossy mode (both columns; KL of stored rows against the lossless ones):")
+    table = format_table(
+        LOSSY_HEADERS,
+        [
+            [
+                r["budget"],
+                "yes" if r["truncation"] else "no",
+                r["grid_step"],
+                r["bytes_per_token"],
+                r["mean_entries"],
+                f"{r['mean_renorm_fwd']:.2e}",
+                f"{r['mean_tail_fwd']:.2e}",
+                f"{r['max_row_error']:.2e}",
+                r["encode_tokens_per_s"] / 1e3,
+                r["decode_tokens_per_s"] / 1e3,
+                "yes" if r["rows_within_budget"] else "NO",
+            ]
+            for r in rows
+        ],
+    )
+    print("\n".join("  " + line for line in table.splitlines()))
+
+
+def print_statistics(cfg: dict) -> None:
+    """Real rows beside the synthetic teacher at the same K and vocabulary (quantiles)."""
+    real, synth = cfg["teacher_statistics"], cfg["synthetic_statistics"]
+    print("  statistics, real | synthetic (quantiles 10/25/50/75/90%):")
+    for key in ("top1_prob", "topk_entropy_nats", "tail_mass"):
+        print(f"    {key:<18} {real[key]} | {synth[key]}")
+    print(f"    {'context_overlap':<18} {real['context_overlap']} | {synth['context_overlap']}")
+
+
+def check_real_targets(configs: list[dict]) -> list[dict[str, Any]]:
+    """The entropy-coding and lossy goals on the real rows at K=100."""
+    cfg = next((c for c in configs if c["data"] == "real" and c["k"] == TARGET_K), None)
+    if cfg is None:
+        return []
+    results: list[Result] = cfg["results"]
+    parquet = results[2]
+    checks = []
+    for label, prefix in (("entropy", "ours entropy ("), ("entropy ids", "ours entropy ids (")):
+        ours = next(r for r in results if r.name.startswith(prefix))
+        checks += [
+            (
+                f"real: {label} size vs parquet",
+                ours.bytes_per_token / parquet.bytes_per_token,
+                "<=",
+                REAL_TARGET_PARQUET_RATIO,
+            ),
+            (f"real: {label} encode tokens/s per core", ours.encode_tps, ">=", TARGET_ENCODE),
+            (f"real: {label} decode tokens/s per core", ours.decode_tps, ">=", TARGET_DECODE),
+        ]
+    fitting = [
+        r
+        for r in cfg.get("lossy", [])
+        if r["mean_renorm_fwd"] <= LOSSY_TARGET_MEAN_KL
+        and r["mean_tail_fwd"] <= LOSSY_TARGET_MEAN_KL
+        and r["rows_within_budget"]
+    ]
+    if fitting:
+        best = min(fitting, key=lambda r: r["bytes_per_token"])
+        checks.append(
+            (
+                f"real: lossy B/token at mean KL <= 1e-3 (budget {best['budget']})",
+                best["bytes_per_token"],
+                "<=",
+                LOSSY_TARGET_BYTES,
+            )
+        )
+    out = []
+    for name, value, op, target in checks:
+        met = value <= target if op == "<=" else value >= target
+        out.append({"target": name, "value": value, "op": op, "goal": target, "met": met})
+    return out
+
+
 def check_targets(configs: list[dict]) -> list[dict[str, Any]]:
-    cfg = next((c for c in configs if c["k"] == TARGET_K and c["vocab_size"] == TARGET_VOCAB), None)
+    cfg = next(
+        (
+            c
+            for c in configs
+            if c["data"] == "synthetic" and c["k"] == TARGET_K and c["vocab_size"] == TARGET_VOCAB
+        ),
+        None,
+    )
     if cfg is None:
         return []
     results: list[Result] = cfg["results"]
@@ -646,10 +929,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timing repeats (median is reported)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the CacheWriter round trip")
     parser.add_argument("--output", default="bench_codec", help="results/NAME.json to write")
+    parser.add_argument("--real", default=REAL_DIR, help="real-row caches (tools/real_rows.py)")
+    parser.add_argument("--no-real", action="store_true", help="synthetic rows only")
+    parser.add_argument("--real-only", action="store_true", help="real rows only")
     args = parser.parse_args(argv)
     positions = args.positions or (2048 if args.quick else 16384)
     repeats = args.repeats or 3
     grid = [(100, 128256)] if args.quick else [(k, v) for k in KS for v in VOCABS]
+    if args.real_only:
+        grid = []
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
 
@@ -659,7 +947,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run_config(k, vocab_size, positions, repeats, e2e=not args.no_e2e)
         print_config(cfg)
         configs.append(cfg)
-    targets = check_targets(configs)
+    if not args.no_real:
+        for k in (100, 128):
+            rows = read_real_rows(args.real, k)
+            if rows is None:
+                print(
+                    f"\nno real rows at {args.real}/k{k}: build them with `python "
+                    f"tools/real_rows.py {args.real}` (or pass --no-real)"
+                )
+                break
+            ids, lp, vocab_size = rows
+            cfg = {**run_rows(k, vocab_size, ids, lp, repeats), "data": "real"}
+            cfg["lossy"] = bench_lossy(ids, lp, repeats)
+            cfg["synthetic_statistics"] = row_statistics(
+                *SyntheticTeacher(vocab_size, k, seed=0).rows(len(ids))
+            )
+            print_config(cfg)
+            print_lossy(cfg["lossy"])
+            print_statistics(cfg)
+            configs.append(cfg)
+    targets = check_targets(configs) + check_real_targets(configs)
     if targets:
         print(f"\n== targets at K={TARGET_K}, vocab={TARGET_VOCAB} (ours default)")
         for t in targets:
@@ -678,7 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "configs": [
             {
-                **{key: cfg[key] for key in ("k", "vocab_size", "positions", "rows_per_chunk")},
+                **{
+                    key: cfg[key]
+                    for key in ("data", "k", "vocab_size", "positions", "rows_per_chunk")
+                },
+                **{key: cfg[key] for key in ("lossy", "synthetic_statistics") if key in cfg},
                 "teacher_statistics": cfg["teacher_statistics"],
                 "bounds": cfg["bounds"],
                 "results": [_result_json(r) for r in cfg["results"]],

@@ -268,6 +268,18 @@ def add_cache(sub) -> None:
         action="store_true",
         help="allow code shipped with the model to run (off by default)",
     )
+    run.add_argument(
+        "--lossy-kl",
+        type=positive_float,
+        metavar="NATS",
+        help="write a lossy cache: every row within this KL of the lossless one (e.g. 0.01)",
+    )
+    run.add_argument(
+        "--lossy-no-truncation",
+        dest="lossy_truncate",
+        action="store_false",
+        help="with --lossy-kl: keep all K entries of every row (quantisation only)",
+    )
 
 
 def run_cache(args) -> int:
@@ -305,6 +317,8 @@ def run_cache(args) -> int:
             data_storage_options=args.data_storage_options,
             trust_remote_code=args.trust_remote_code,
             progress=not args.no_progress,
+            lossy_kl=args.lossy_kl,
+            lossy_truncate=args.lossy_truncate,
         )
     except RankError as e:
         print(f"kd cache: error: {e}", file=sys.stderr)

@@ -38,6 +38,11 @@ and the columns past ``vocab_size`` get no probability mass and no gradient.
 Teacher ids in a row must be distinct (they are a top-K) and logprobs finite and <= 0; fp16
 logprobs from the cache are computed in fp32 (fp64 when the student runs in fp64).
 
+Entries with a logprob of -65504 or below (``PAD_LOGPROB``: the padding of rows that lossy caches
+cut short, or a probability that underflows fp16) are not part of the row: they carry no teacher
+mass, and their ids are left out of the student's renormalisation (``renorm``, ``reverse``) and
+counted in the outside bucket (``tail``), so a padded row gives the loss of the short row.
+
 The fused ``kd_sft_loss`` never holds [M, V] logits. For each chunk of rows it computes the logits
 once, derives the student logsumexp shared by both terms, gathers the K teacher columns, and turns
 the chunk's logits in place into d(total)/d(logits), which it multiplies into the gradients of the
@@ -59,6 +64,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
+# A teacher logprob at or below this (fp16's lowest value) marks an entry that is not in the row.
+PAD_LOGPROB = -65504.0
+# Stands in for -inf at padded entries: exp() of it is 0 and products with 0 stay finite.
+_ABSENT = -1e30
 KD_MODES = ("renorm", "teacher_renorm", "tail", "reverse", "jsd")
 REDUCTIONS = ("mean", "sum")
 BACKENDS = ("torch",)
@@ -194,6 +203,8 @@ class _Plan(NamedTuple):
     kd_coef: torch.Tensor  # [M]: d total / d kd_row (kd_row without the tau**2 factor)
     ce_norm: float
     kd_norm: float
+    # [M, K]: 0, or _ABSENT at entries that are padding; None when no row has any.
+    kd_pad_bias: torch.Tensor | None = None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -337,7 +348,7 @@ def _plan_rows(
                 raise ValueError(f"{where}: two teacher rows are mapped to row {row} by kd_rows")
 
     kd_mask = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    dense_ids = dense_logprobs = None
+    dense_ids = dense_logprobs = pad_bias = None
     if n_kd:
         if k > vocab:
             raise ValueError(
@@ -381,6 +392,7 @@ def _plan_rows(
             dense_ids[kd_rows] = ids
             dense_logprobs = torch.full((n_rows, k), -math.log(k), dtype=dtype, device=device)
             dense_logprobs[kd_rows] = logprobs
+        pad_bias = _pad_entries(dense_ids, dense_logprobs)
 
     n_ce = int(ce_mask.sum())
     if spec.reduction == "mean":
@@ -401,7 +413,20 @@ def _plan_rows(
         kd_coef=kd_coef,
         ce_norm=ce_norm,
         kd_norm=kd_norm,
+        kd_pad_bias=pad_bias,
     )
+
+
+def _pad_entries(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor | None:
+    """Take padded entries out of the row, in place: no teacher mass, and their id replaced by
+    the row's first id (so the outside bucket keeps the padding ids' student mass) with a
+    student bias of _ABSENT (so the duplicate adds nothing). Returns the bias, or None."""
+    pad = logprobs <= PAD_LOGPROB
+    if not bool(pad.any()):
+        return None
+    logprobs.masked_fill_(pad, _ABSENT)
+    ids.copy_(torch.where(pad, ids[:, :1], ids))
+    return torch.where(pad, _ABSENT, 0.0).to(logprobs.dtype)
 
 
 def _combine(kd_sum: torch.Tensor, ce_sum: torch.Tensor, plan: _Plan, spec: _Spec) -> KDSFTLoss:
@@ -452,13 +477,17 @@ def reference_kd_sft_loss(
     if plan.kd_ids is None:
         kd_sum = z.new_zeros(())
     else:
-        kd_rows_loss = _reference_kd(z, plan.kd_ids, plan.kd_logprobs, spec)
+        kd_rows_loss = _reference_kd(z, plan.kd_ids, plan.kd_logprobs, spec, plan.kd_pad_bias)
         kd_sum = torch.where(plan.kd_mask, kd_rows_loss, 0).sum()
     return _combine(kd_sum, ce_sum, plan, spec)
 
 
 def _reference_kd(
-    z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, spec: _Spec
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    spec: _Spec,
+    pad_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     tau = spec.temperature
     if spec.mode == "tail":
@@ -475,7 +504,8 @@ def _reference_kd(
     if spec.mode == "teacher_renorm":
         log_q = torch.log_softmax(z / tau, dim=1).gather(1, ids)
     else:
-        log_q = torch.log_softmax(z.gather(1, ids) / tau, dim=1)
+        z_k = z.gather(1, ids) if pad_bias is None else z.gather(1, ids) + pad_bias
+        log_q = torch.log_softmax(z_k / tau, dim=1)
     if spec.mode == "reverse":
         return (log_q.exp() * (log_q - log_p)).sum(1)
     if spec.mode == "jsd":
@@ -669,6 +699,8 @@ def _chunk_loss_and_grad(
         ids, lp = plan.kd_ids[rows], plan.kd_logprobs[rows]
         b = plan.kd_coef[rows, None]
         z_k = z.gather(1, ids)
+        if plan.kd_pad_bias is not None:
+            z_k = z_k + plan.kd_pad_bias[rows]
     tail_bucket = have_kd and spec.mode == "tail" and ids.shape[1] < z.shape[1]
 
     soft_t = None  # softmax(z / tau) over the vocabulary, only teacher_renorm at tau != 1 needs it

@@ -77,6 +77,8 @@ class CacheOptions:
     data_storage_options: dict | None = None  # fsspec options for `data`
     trust_remote_code: bool = False  # run code shipped with the model (off: never by default)
     progress: bool = True  # a tqdm bar on rank 0
+    lossy_kl: float | None = None  # lossy cache: every row within this KL (nats); logitcache.lossy
+    lossy_truncate: bool = True  # lossy rows may be cut short where their tail is light
 
 
 @dataclass
@@ -177,6 +179,8 @@ def _check_options(opts: CacheOptions) -> None:
         raise ValueError(f"sort_window={opts.sort_window}: must be at least 1")
     if not opts.checkpoint_seconds > 0:
         raise ValueError(f"checkpoint_seconds={opts.checkpoint_seconds}: must be positive")
+    if opts.lossy_kl is not None and not opts.lossy_kl > 0:
+        raise ValueError(f"lossy_kl={opts.lossy_kl!r}: must be a positive budget in nats")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +341,8 @@ class _TeacherPass:
             world_size=ranks.world_size if ranks.distributed else None,
             overwrite=opts.overwrite,
             resume=opts.resume,
+            lossy_kl=opts.lossy_kl,
+            lossy_truncate=opts.lossy_truncate,
         )
         resumed = writer.resumed_progress or {}
         skip = int(resumed.get("batches", 0))

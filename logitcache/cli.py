@@ -81,6 +81,16 @@ def _weights(text: str) -> list[float]:
     return values
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return value
+
+
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-options",
@@ -250,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_json_object,
         metavar="JSON",
         help="storage options for DST when they differ from --storage-options",
+    )
+    p.add_argument(
+        "--lossy-kl",
+        type=_positive_float,
+        metavar="NATS",
+        help="write a lossy cache: every row within NATS of the lossless row (KL per row, "
+        "e.g. 0.01): logprobs on a grid, light tails cut; the manifest records the budget",
+    )
+    p.add_argument(
+        "--lossy-no-truncation",
+        action="store_true",
+        help="with --lossy-kl: keep every entry of each row, spend the budget on the grid only",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -425,6 +447,8 @@ def cmd_convert(args) -> int:
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
         layout=args.layout,
+        lossy_kl=args.lossy_kl,
+        lossy_truncate=not args.lossy_no_truncation,
     )
     print(
         f"wrote {result.records:,} records ({result.src_format} -> {result.dst_format}, "

@@ -350,6 +350,458 @@ class Varint(Codec):
         return decoded_size // 4 * 5
 
 
+# -- entropy coding (spec/FORMAT.md sections 6.8-6.11) ---------------------------------------
+
+ANS_BITS = 12
+ANS_SLOTS = 1 << ANS_BITS
+ANS_RANK_CONTEXTS = 8
+# Largest decoded / stored ratio of the rANS codecs: every value costs at least one token of
+# probability <= 4095/4096, that is >= 3.52e-4 bits, so a 4-byte value needs >= 1/90,843 byte.
+ANS_MAX_EXPANSION = 1 << 17
+
+
+def rank_contexts(row_length: int) -> np.ndarray:
+    """Context of each rank r in a row: 0 for r = 0, else min(7, floor(log2 r) + 1)."""
+    ranks = np.arange(max(1, row_length), dtype=np.int64)
+    ctx = np.zeros(ranks.shape, dtype=np.uint8)
+    ctx[1:] = np.minimum(7, np.floor(np.log2(ranks[1:])).astype(np.int64) + 1)
+    return ctx
+
+
+def normalize_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Frequencies summing to 4096 from token counts: every counted token gets >= 1, none all
+    of them (a lone token shares with one other, so no value is ever free of cost)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    present = np.flatnonzero(counts)
+    freq = np.zeros(counts.shape, dtype=np.int64)
+    if present.size == 0:
+        return freq
+    if present.size == 1:
+        other = 1 if present[0] == 0 else 0
+        freq[present[0]], freq[other] = ANS_SLOTS - 1, 1
+        return freq
+    share = counts[present] * (ANS_SLOTS / counts.sum())
+    f = np.maximum(1, np.floor(share).astype(np.int64))
+    # Hand out what is left by largest remainder, or take back from the largest frequencies.
+    left = ANS_SLOTS - int(f.sum())
+    if left > 0:
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        f[order[: left % len(f)]] += 1
+        f += left // len(f)
+    while left < 0:
+        i = int(np.argmax(f))
+        take = min(-left, int(f[i]) - 1)
+        f[i] -= take
+        left += take
+    freq[present] = f
+    return freq
+
+
+def _varint_bytes(values) -> bytes:
+    out = bytearray()
+    for v in values:
+        v = int(v)
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def encode_freq_tables(freqs: np.ndarray) -> bytes:
+    """Tables of spec section 6.8: per context m, then m (gap, freq - 1) pairs."""
+    values: list[int] = []
+    for row in freqs:
+        tokens = np.flatnonzero(row)
+        values.append(len(tokens))
+        prev = -1
+        for t in tokens.tolist():
+            values += [t - prev - 1, int(row[t]) - 1]
+            prev = t
+    return _varint_bytes(values)
+
+
+def _parse_tables(buf: np.ndarray, start: int, alphabet: np.ndarray, codec: str):
+    """The decoding table of a block's frequency tables and the offset after them."""
+    table = np.zeros((len(alphabet), ANS_SLOTS), dtype=np.uint32)
+    end = kernels().read_freq_tables(buf, start, len(alphabet), alphabet, table)
+    if end < 0:
+        raise CodecError(f"{codec}: a frequency table is malformed or cut short")
+    return table, int(end)
+
+
+def _has_tables(buf: np.ndarray, contexts: np.ndarray) -> bool:
+    """Whether the frequency tables at the start of `buf` give each of `contexts` a table:
+    read again only when a context's first slot looks like the unused-context sentinel."""
+    pos, want = 0, set(contexts.tolist())
+    for c in range(int(contexts.max()) + 1):
+        m, pos = _read_varint(buf, pos)
+        if c in want and m == 0:
+            return False
+        for _ in range(2 * m):
+            _, pos = _read_varint(buf, pos)
+    return True
+
+
+def _read_varint(buf: np.ndarray, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = int(buf[pos])
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _padded(buf: np.ndarray) -> np.ndarray:
+    """The block followed by zero bytes, so the decoder's unconditional reads stay inside."""
+    kern = kernels()
+    out = np.zeros(buf.size + kern.ANS_PAD, dtype=np.uint8)
+    out[: buf.size] = buf
+    return out
+
+
+def _reciprocals(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Granlund-Montgomery constants of each frequency f: floor(x / f) for any 32-bit x is
+    (t + ((x - t) >> shift1)) >> shift2 with t = (rcp * x) >> 32."""
+    f = np.maximum(freqs.astype(np.int64), 1)
+    bits = np.ceil(np.log2(f)).astype(np.int64)
+    rcp = ((np.int64(1) << 32) * ((np.int64(1) << bits) - f)) // f + 1
+    return rcp.astype(np.uint64), np.minimum(bits, 1), np.maximum(bits - 1, 0)
+
+
+def _rans_stream(ctx, tok, nbits, raw, freqs: np.ndarray) -> np.ndarray:
+    cum = np.zeros(freqs.shape, dtype=np.uint32)
+    cum[:, 1:] = np.cumsum(freqs, axis=1)[:, :-1]
+    rcp, shift1, shift2 = _reciprocals(freqs)
+    out = np.empty(16 + 8 * len(ctx) + 64, dtype=np.uint8)
+    used = kernels().rans_encode(
+        ctx, tok, nbits, raw, freqs.astype(np.uint32), cum, rcp, shift1, shift2, out
+    )
+    if used < 0:  # pragma: no cover - the buffer holds the worst case
+        raise CodecError("rANS: output buffer too small")
+    return out[:used]
+
+
+def _step_arrays(n: int):
+    return (
+        np.empty(n, dtype=np.uint8),
+        np.empty(n, dtype=np.uint8),
+        np.empty(n, dtype=np.uint8),
+        np.empty(n, dtype=np.uint32),
+    )
+
+
+def _token_freqs(ctx, tok, contexts: int, width: int) -> np.ndarray:
+    counts = np.bincount(ctx.astype(np.int64) * width + tok, minlength=contexts * width).reshape(
+        contexts, width
+    )
+    return np.stack([normalize_frequencies(row) for row in counts])
+
+
+class AnsUint(Codec):
+    """rANS entropy coding of unsigned integers (after a delta transform: small numbers).
+
+    Each value is a hybrid token (values below 16 exactly, larger ones by magnitude and two
+    leading bits, the rest as raw bits) from a frequency table of its rank within the row,
+    one table set per block (spec section 6.9).
+    """
+
+    codec_id = "ans_uint"
+    exact_encoded_size = False
+    needs_exact_size = True
+    max_expansion = ANS_MAX_EXPANSION
+
+    def __init__(self, elementsize: int, row_length: int):
+        if elementsize not in (2, 4):
+            raise CodecError(f"ans_uint: elementsize={elementsize!r} must be 2 or 4")
+        self.elementsize = elementsize
+        self.row_length = row_length
+        self._alphabet = 64 if elementsize == 2 else 128
+        self._ctx = rank_contexts(row_length)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "elementsize": self.elementsize, "row_length": self.row_length}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> AnsUint:
+        return cls(
+            _positive_int(config, "elementsize", 2, 4),
+            _positive_int(config, "row_length", 1, 1 << 20),
+        )
+
+    @property
+    def _dtype(self):
+        return np.uint16 if self.elementsize == 2 else np.uint32
+
+    def max_encoded_size(self, decoded_size: int) -> int:
+        return 2 * decoded_size + 16384
+
+    def encode(self, buf: np.ndarray) -> np.ndarray:
+        if buf.size % self.elementsize:
+            raise CodecError(f"ans_uint: {buf.size} bytes is not a multiple of {self.elementsize}")
+        n = buf.size // self.elementsize
+        if n == 0:
+            return np.zeros(0, dtype=np.uint8)
+        values = _aligned(buf).view(self._dtype)
+        ctx, tok, nbits, raw = _step_arrays(n)
+        kernels().hybrid_uint_steps(values, self._ctx, self.row_length, ctx, tok, nbits, raw)
+        freqs = _token_freqs(ctx, tok, ANS_RANK_CONTEXTS, self._alphabet)
+        tables = np.frombuffer(encode_freq_tables(freqs), dtype=np.uint8)
+        return np.concatenate([tables, _rans_stream(ctx, tok, nbits, raw, freqs)])
+
+    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+        if not exact or decoded_size % self.elementsize:
+            raise CodecError("ans_uint: the decoded size must be known exactly")
+        n = decoded_size // self.elementsize
+        if n == 0:
+            if buf.size:
+                raise CodecError("ans_uint: data left over in an empty block")
+            return np.zeros(0, dtype=np.uint8)
+        alphabet = np.full(ANS_RANK_CONTEXTS, self._alphabet, dtype=np.int64)
+        table, start = _parse_tables(buf, 0, alphabet, "ans_uint")
+        used = np.unique(self._ctx[: min(n, self.row_length)])
+        if (table[used, 0] >> 25 == self._alphabet - 1).any() and not _has_tables(buf, used):
+            raise CodecError("ans_uint: a context that codes values has no frequency table")
+        out = np.empty(n, dtype=self._dtype)
+        kern = kernels()
+        status = kern.ans_uint_decode(
+            _padded(buf),
+            buf.size,
+            start,
+            self._ctx,
+            self.row_length,
+            table,
+            kern.HU_NBITS,
+            kern.HU_BASE,
+            out,
+        )
+        if status != 0:
+            raise CodecError(f"ans_uint: {_ANS_STATUS.get(status, 'corrupt stream')}")
+        return out.view(np.uint8)
+
+
+_ANS_STATUS = {
+    -1: "the stream is truncated, has data left over, or does not end in its initial states",
+    -2: "a decoded value is out of range",
+}
+
+# Alphabets of the ans_ids contexts: 8 rank contexts and the class context code classes (at
+# most 25), the gap context hybrid tokens of ids < 2^24, the filler context those of F < 4096.
+_IDS_ALPHABET = np.array([32] * 8 + [128, 32, 64], dtype=np.int64)
+_IDS_WIDTH = 128
+
+
+class AnsIds(Codec):
+    """rANS entropy coding of token ids, one model per block (spec section 6.10).
+
+    The block's distinct ids are ranked by count; rank r falls in class c = floor(log2(r+1)),
+    whose 2^c members are ordered by id. An id is coded as its class (a token of the table of
+    its rank within the row) and its index in the class (c raw bits), so a frequent id costs a
+    few bits and the table costs about as much as a canonical Huffman code's lengths. Rows
+    that end in filler (the smallest ids not in the row, as lossy caches pad short rows) code
+    only the filler's length.
+    """
+
+    codec_id = "ans_ids"
+    exact_encoded_size = False
+    needs_exact_size = True
+
+    def __init__(self, row_length: int):
+        self.row_length = row_length
+        self._ctx = rank_contexts(row_length)
+        # A row of K values can cost as little as two tokens (its filler length and one id).
+        self.max_expansion = ANS_MAX_EXPANSION if row_length == 1 else (1 << 16) * row_length
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "row_length": self.row_length}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> AnsIds:
+        return cls(_positive_int(config, "row_length", 1, 4096))
+
+    def max_encoded_size(self, decoded_size: int) -> int:
+        return 4 * decoded_size + 32768
+
+    def encode(self, buf: np.ndarray) -> np.ndarray:
+        if buf.size % 4:
+            raise CodecError(f"ans_ids: {buf.size} bytes is not a multiple of 4")
+        ids = _aligned(buf).view(np.int32)
+        n = ids.size
+        if n == 0:
+            return np.zeros(0, dtype=np.uint8)
+        kern = kernels()
+        if ids.min() < 0 or ids.max() >= kern.MAX_ID:
+            raise CodecError("ans_ids: ids must be in [0, 2^24)")
+        k = self.row_length
+        fill = np.zeros(n // k, dtype=np.int64)
+        coded = np.ones(n, dtype=bool)
+        if k >= 2 and n >= k:
+            kern.filler_counts(ids, k, np.full(k, -1, dtype=np.int64), fill)
+            if fill.any():
+                pos = np.arange(n // k * k).reshape(-1, k) % k
+                coded[: n // k * k] = (pos < (k - fill)[:, None]).reshape(-1)
+        counts = np.bincount(ids[coded])
+        distinct = np.flatnonzero(counts)
+        d = distinct.size
+        rank = np.empty(d, dtype=np.int64)
+        rank[np.lexsort((distinct, -counts[distinct]))] = np.arange(d)
+        label = np.floor(np.log2(rank + 1)).astype(np.int64)
+        # Index within the class: members in id order (distinct is ascending).
+        by_class = np.argsort(label, kind="stable")
+        first = np.searchsorted(label[by_class], np.arange(32))
+        index = np.empty(d, dtype=np.int64)
+        index[by_class] = np.arange(d) - first[label[by_class]]
+        class_of = np.zeros(counts.size, dtype=np.uint8)
+        index_of = np.zeros(counts.size, dtype=np.uint32)
+        class_of[distinct] = label
+        index_of[distinct] = index
+        rows = -(-n // k)
+        total = 2 * d + (rows if k >= 2 else 0) + int(coded.sum())
+        ctx, tok, nbits, raw = _step_arrays(total)
+        gaps = np.diff(distinct, prepend=-1) - 1
+        kern.hybrid_uint_steps(
+            gaps.astype(np.uint32),
+            np.array([8], np.uint8),
+            1,
+            ctx[:d],
+            tok[:d],
+            nbits[:d],
+            raw[:d],
+        )
+        ctx[d : 2 * d] = kern.IDS_CTX_CLASS
+        tok[d : 2 * d] = label
+        nbits[d : 2 * d] = 0
+        raw[d : 2 * d] = 0
+        end = kern.ids_steps(
+            ids, k, fill, class_of, index_of, self._ctx, ctx, tok, nbits, raw, 2 * d
+        )
+        if end != total:  # pragma: no cover - internal consistency
+            raise CodecError(f"ans_ids: {end} steps, expected {total}")
+        freqs = _token_freqs(ctx, tok, len(_IDS_ALPHABET), _IDS_WIDTH)
+        header = _varint_bytes([d]) + encode_freq_tables(freqs)
+        return np.concatenate(
+            [np.frombuffer(header, dtype=np.uint8), _rans_stream(ctx, tok, nbits, raw, freqs)]
+        )
+
+    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+        if not exact or decoded_size % 4:
+            raise CodecError("ans_ids: the decoded size must be known exactly")
+        n = decoded_size // 4
+        if n == 0:
+            if buf.size:
+                raise CodecError("ans_ids: data left over in an empty block")
+            return np.zeros(0, dtype=np.uint8)
+        counts = np.empty(1, dtype=np.uint32)
+        head = buf[: min(buf.size, 5)]
+        if kernels().varint_decode(_first_varint(head), counts) != 1:
+            raise CodecError("ans_ids: the count of distinct ids is malformed")
+        d = int(counts[0])
+        if not 1 <= d <= n:
+            raise CodecError(f"ans_ids: {d} distinct ids for {n} values")
+        start = _varint_length(head)
+        table, start = _parse_tables(buf, start, _IDS_ALPHABET, "ans_ids")
+        out = np.empty(n, dtype=np.int32)
+        kern = kernels()
+        status = kern.ans_ids_decode(
+            _padded(buf),
+            buf.size,
+            start,
+            self._ctx,
+            self.row_length,
+            d,
+            table,
+            kern.HU_NBITS,
+            kern.HU_BASE,
+            out,
+        )
+        if status != 0:
+            raise CodecError(f"ans_ids: {_ANS_STATUS.get(status, 'corrupt stream')}")
+        return out.view(np.uint8)
+
+
+def _varint_length(head: np.ndarray) -> int:
+    for i, b in enumerate(head.tolist()):
+        if b < 0x80:
+            return i + 1
+    return len(head) + 1
+
+
+def _first_varint(head: np.ndarray) -> np.ndarray:
+    return head[: _varint_length(head)]
+
+
+# -- fp16_grid --------------------------------------------------------------------------------
+
+GRID_UNIT = 1024  # grid steps are multiples of 1/1024 nat
+GRID_RANGE = 64  # nats: the grid covers [-64, 0]; below it a value carries no mass
+_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def grid_tables(step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(grid_bits, index_of_bits) of the grid with step `step`/1024: grid_bits[j] is the
+    binary16 nearest -(j * step / 1024) for j <= 65536 // step (j = 0: -0.0), then -65504;
+    index_of_bits maps a bit pattern to its smallest j, -1 off the grid."""
+    tables = _GRIDS.get(step)
+    if tables is None:
+        j = np.arange(GRID_RANGE * GRID_UNIT // step + 1, dtype=np.float64)
+        values = -(j * step) / GRID_UNIT
+        grid = np.concatenate([values.astype(np.float16), [np.float16(-65504.0)]])
+        grid_bits = grid.view(np.uint16).copy()
+        grid_bits[0] = 0x8000
+        index_of = np.full(1 << 16, -1, dtype=np.int32)
+        index_of[grid_bits[::-1]] = np.arange(len(grid_bits) - 1, -1, -1, dtype=np.int32)
+        tables = _GRIDS[step] = (grid_bits, index_of)
+    return tables
+
+
+class Fp16Grid(Codec):
+    """Logprobs of lossy caches: per row the first value exactly, the others as indices on a
+    grid of step `step`/1024 nat (first absolute, then differences: small numbers for
+    ans_uint). A row with a value off the grid is stored as fp16_key_delta does, flagged.
+    Output: one uint32 per value (spec section 6.11)."""
+
+    codec_id = "fp16_grid"
+
+    def __init__(self, row_length: int, step: int):
+        self.row_length = row_length
+        self.step = step
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "row_length": self.row_length, "step": self.step}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp16Grid:
+        return cls(
+            _positive_int(config, "row_length", 1, 1 << 20),
+            _positive_int(config, "step", 1, 2048),
+        )
+
+    def max_encoded_size(self, decoded_size: int) -> int:
+        return 2 * decoded_size
+
+    def encode(self, buf: np.ndarray) -> np.ndarray:
+        if buf.size % 2:
+            raise CodecError("fp16_grid: odd number of bytes")
+        _, index_of = grid_tables(self.step)
+        out = np.empty(buf.size // 2, dtype=np.uint32)
+        kernels().fp16_grid_encode(_aligned(buf).view(np.uint16), self.row_length, index_of, out)
+        return out.view(np.uint8)
+
+    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+        if buf.size % 4:
+            raise CodecError("fp16_grid: size is not a multiple of 4")
+        self._check_size(buf.size // 2, decoded_size, exact)
+        grid_bits, _ = grid_tables(self.step)
+        out = np.empty(buf.size // 4, dtype=np.uint16)
+        if kernels().fp16_grid_decode(
+            _aligned(buf).view(np.uint32), self.row_length, grid_bits, out
+        ):
+            raise CodecError("fp16_grid: a grid index or key difference is out of range")
+        return out.view(np.uint8)
+
+
 def _aligned(buf: np.ndarray) -> np.ndarray:
     """A copy when `buf` is not 8-byte aligned, so typed views are safe."""
     if buf.ctypes.data % 8:
@@ -358,7 +810,18 @@ def _aligned(buf: np.ndarray) -> np.ndarray:
 
 
 CODECS: dict[str, type[Codec]] = {
-    cls.codec_id: cls for cls in (Zstd, Shuffle, ByteBitShuffle, Fp16KeyDelta, Int32Delta, Varint)
+    cls.codec_id: cls
+    for cls in (
+        Zstd,
+        Shuffle,
+        ByteBitShuffle,
+        Fp16KeyDelta,
+        Int32Delta,
+        Varint,
+        AnsUint,
+        AnsIds,
+        Fp16Grid,
+    )
 }
 
 
@@ -456,6 +919,27 @@ def default_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:
         ],
         COL_SAMPLE_ID_LENGTHS: [zstd],
         COL_SAMPLE_ID_BYTES: [zstd],
+    }
+
+
+def entropy_pipeline_configs(k: int, *, logprobs: str = "ans") -> dict[str, list[dict[str, Any]]]:
+    """Pipelines with rANS entropy coding for the teacher columns (spec sections 6.8-6.10).
+
+    The ids always go through `ans_ids`, where entropy coding gains most. `logprobs="ans"`
+    codes the logprob gaps with `ans_uint` too: the smallest lossless cache. `logprobs="zstd"`
+    leaves them to fp16_key_delta + shuffle + zstd level 1: a few bytes more per target and
+    faster decoding, since rANS decodes one symbol at a time (figures on real teacher rows in
+    benchmarks/results/bench_codec.json). Pass as CacheWriter(..., codecs=...).
+    """
+    if logprobs == "ans":
+        tail: list[dict[str, Any]] = [{"id": "ans_uint", "elementsize": 2, "row_length": k}]
+    elif logprobs == "zstd":
+        tail = [{"id": "shuffle", "elementsize": 2}, {"id": "zstd", "level": 1}]
+    else:
+        raise ValueError(f"logprobs={logprobs!r}: choose 'ans' or 'zstd'")
+    return {
+        COL_TOPK_IDS: [{"id": "ans_ids", "row_length": k}],
+        COL_TOPK_LOGPROBS: [{"id": "fp16_key_delta", "row_length": k}, *tail],
     }
 
 

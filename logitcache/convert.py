@@ -203,7 +203,8 @@ def _open_cache_source(src: str, *, positions: str | None, storage_options: dict
         records=stream(),
         teacher=m.teacher,
         tokenizer=m.tokenizer,
-        metadata=dict(m.metadata or {}),
+        # Rows of a lossy source stay lossy whatever the destination: say so in its metadata.
+        metadata={**(m.metadata or {}), **({"lossy_source": m.lossy} if m.lossy else {})},
         total=m.records,
         close=cache.close,
     )
@@ -263,11 +264,15 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
     layout: str | None = None,
+    lossy_kl: float | None = None,
+    lossy_truncate: bool = True,
 ) -> ConvertResult:
     """Convert `src` into `dst` (a cache URL or a .parquet file); see the module docstring.
 
     `k` keeps each row's top k values. `vocab_size` or `tokenizer` (a local tokenizer
     directory) is required for NeMo-Aligner and axolotl sources, which do not record it.
+    `lossy_kl` writes a lossy cache with that per-row KL budget in nats (logitcache.lossy);
+    `lossy_truncate=False` keeps every entry of each row (quantisation only).
     """
     from tqdm import tqdm
 
@@ -276,6 +281,8 @@ def convert(
         raise ValueError(f"--to {dst_format!r}: choose one of {DEST_FORMATS}")
     if k is not None and k < 1:
         raise ValueError(f"--k {k}: must be at least 1")
+    if lossy_kl is not None and dst_format != FORMAT_CACHE:
+        raise ValueError("--lossy-kl writes a lossy cache; it does not apply to a Parquet export")
     tokenizer_id = None
     if tokenizer is not None:
         tokenizer_id, tokenizer_vocab = tokenizer_identity(tokenizer)
@@ -335,6 +342,8 @@ def convert(
                 shard_bytes=shard_bytes,
                 storage_options=dst_storage_options or storage_options,
                 overwrite=overwrite,
+                lossy_kl=lossy_kl,
+                lossy_truncate=lossy_truncate,
             )
     finally:
         if source.close is not None:
@@ -377,6 +386,8 @@ def _write_cache(
     shard_bytes,
     storage_options,
     overwrite,
+    lossy_kl=None,
+    lossy_truncate=True,
 ) -> int:
     from . import CacheWriter
 
@@ -397,6 +408,8 @@ def _write_cache(
         metadata=identity["metadata"],
         codecs=codecs,
         overwrite=overwrite,
+        lossy_kl=lossy_kl,
+        lossy_truncate=lossy_truncate,
         **sizes,
     ) as writer:
         for where, kwargs in records:

@@ -165,6 +165,7 @@ def cache_summary(cache) -> dict[str, Any]:
         "k": m.k,
         "vocab_size": m.vocab_size,
         "positions": m.positions,
+        "lossy": m.lossy,
         "teacher": m.teacher,
         "tokenizer": m.tokenizer,
         "metadata": m.metadata,
@@ -209,6 +210,23 @@ def _identity(obj: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in obj.items())
 
 
+def _lossy_mode(lossy: dict | None) -> str:
+    """'lossless', or the lossy budget and what the writer measured (spec section 12)."""
+    if not lossy:
+        return "lossless"
+    text = f"lossy: KL budget {lossy.get('kl_budget')} nats per row"
+    if lossy.get("grid_step") is not None:
+        text += f", grid {lossy['grid_step']:.4g} nats"
+    measured = lossy.get("measured") or {}
+    if measured.get("rows"):
+        text += (
+            f"; measured mean row KL {measured.get('mean_row_kl', 0):.3g}, max "
+            f"{measured.get('max_row_kl', 0):.3g}, {measured.get('mean_entries', 0):.1f} "
+            f"entries per row kept"
+        )
+    return text
+
+
 def format_report(report: dict[str, Any], *, max_shards: int = 20) -> str:
     """The human-readable text of an `inspect` report."""
     r = report
@@ -220,6 +238,7 @@ def format_report(report: dict[str, Any], *, max_shards: int = 20) -> str:
         f"K                {r['k']}",
         f"vocab size       {r['vocab_size']}",
         f"positions        {r['positions']}",
+        f"mode             {_lossy_mode(r.get('lossy'))}",
         f"teacher          {_identity(r['teacher'])}",
         f"tokenizer        {_identity(r['tokenizer'])}",
         f"records          {r['records']:,}",

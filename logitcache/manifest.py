@@ -74,6 +74,8 @@ class Manifest:
     # Partial manifests of distributed writers: which rank wrote it, out of how many.
     rank: int | None = None
     world_size: int | None = None
+    # Lossy caches (format 1.1, spec section 12): {"mode": "kl", "kl_budget", "grid_step", ...}.
+    lossy: dict[str, Any] | None = None
 
     @property
     def records(self) -> int:
@@ -114,6 +116,8 @@ class Manifest:
         if self.rank is not None:
             obj["rank"] = self.rank
             obj["world_size"] = self.world_size
+        if self.lossy is not None:
+            obj["lossy"] = self.lossy
         return obj
 
     def dumps(self) -> bytes:
@@ -172,6 +176,17 @@ class Manifest:
         metadata = obj.get("metadata") or {}
         check.that(isinstance(columns, dict), "'columns' must be an object")
         check.that(isinstance(metadata, dict), "'metadata' must be an object")
+        lossy = obj.get("lossy")
+        if lossy is not None:
+            budget = lossy.get("kl_budget") if isinstance(lossy, dict) else None
+            check.that(
+                isinstance(lossy, dict)
+                and lossy.get("mode") == "kl"
+                and isinstance(budget, (int, float))
+                and not isinstance(budget, bool)
+                and budget > 0,
+                "'lossy' must be an object with mode 'kl' and a positive 'kl_budget'",
+            )
         return cls(
             k=k,
             vocab_size=vocab,
@@ -186,6 +201,7 @@ class Manifest:
             created_at=str(obj.get("created_at", "")),
             rank=rank,
             world_size=world_size,
+            lossy=lossy,
         )
 
 

@@ -119,6 +119,12 @@ def _merge(store, allow_incomplete: bool, world_size: int | None, verify: bool) 
                     f"({getattr(first, key)!r}); these ranks did not write the same cache: "
                     "re-run them with one configuration",
                 )
+        if _lossy_mode(part.lossy) != _lossy_mode(first.lossy):
+            raise _fail(
+                url,
+                f"{name}: lossy mode {_lossy_mode(part.lossy)!r} differs from {first_name} "
+                f"({_lossy_mode(first.lossy)!r}); re-run the ranks with one budget",
+            )
         for shard in part.shards:
             if shard.path in seen:
                 raise _fail(
@@ -146,6 +152,7 @@ def _merge(store, allow_incomplete: bool, world_size: int | None, verify: bool) 
         metadata=metadata,
         created_by=first.created_by,
         created_at=now_iso(),
+        lossy=_merged_lossy([part.lossy for _, part in ordered]),
     )
     replaced = _listed_shards(store, MANIFEST_NAME)
     store.write_bytes(MANIFEST_NAME, merged.dumps())
@@ -153,6 +160,29 @@ def _merge(store, allow_incomplete: bool, world_size: int | None, verify: bool) 
     for rel in sorted(replaced - set(seen)):
         store.remove(rel)
     return merged
+
+
+def _lossy_mode(lossy: dict | None) -> dict | None:
+    """What ranks must agree on: the lossy configuration without what each measured."""
+    return None if lossy is None else {k: v for k, v in lossy.items() if k != "measured"}
+
+
+def _merged_lossy(parts: list[dict | None]) -> dict | None:
+    """One lossy object for the merged cache: the shared configuration, measurements summed."""
+    if parts[0] is None:
+        return None
+    measured = [p.get("measured") or {} for p in parts]
+    rows = sum(m.get("rows", 0) for m in measured)
+    merged = {
+        "rows": rows,
+        "exact_rows": sum(m.get("exact_rows", 0) for m in measured),
+        "mean_entries": sum(m.get("mean_entries", 0) * m.get("rows", 0) for m in measured)
+        / max(rows, 1),
+        "mean_row_kl": sum(m.get("mean_row_kl", 0) * m.get("rows", 0) for m in measured)
+        / max(rows, 1),
+        "max_row_kl": max((m.get("max_row_kl", 0) for m in measured), default=0.0),
+    }
+    return {**_lossy_mode(parts[0]), "measured": merged}
 
 
 def _check_shard(store, name: str, shard, verify: bool) -> None:

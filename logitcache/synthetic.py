@@ -16,29 +16,38 @@ only, so teachers with different seeds share one "tokenizer".
 Candidates. Per position, the teacher considers ~2K + K/4 candidate tokens: 2K draws from the
 prior flattened to exponent 0.6 (a teacher's top-K lists plausible continuations, much less
 skewed than corpus frequency), plus a context pool of K/4 tokens carried along the stream:
-each pool slot is replaced with probability 0.15 per position, so consecutive positions share
+each pool slot is replaced with probability 0.23 per position, so consecutive positions share
 part of their candidate sets, as real contexts do. Duplicate draws are removed.
 
 Logits. Candidate c at position t gets
-    z_c = s_t * (6 + 0.35 * log prior(c) + 1.2 * eps_c + 2 * [c in pool]) + m_t * [c is the best],
-eps ~ N(0, 1), with a per-position sharpness s_t ~ LogNormal(log 1.6, 0.45) and a winner margin
-m_t that is large (4 + Exp(4)) at 50% of positions (the near-certain tokens that dominate real
-responses) and small (Exp(1.5)) elsewhere. Every token outside the candidates follows the same
-model without the relevance bonus 6, its noise integrated out: the normaliser adds, in closed
-form, the expected mass exp(s^2 * 1.2^2 / 2) * (sum over the vocabulary of prior^(0.35 s) minus
-the candidates' share), from a table of sum(prior^e) over a grid of exponents e. So the stored
+    z_c = s_t * (3.9 + 0.35 * log prior(c) + 1.2 * eps_c + 2 * [c in pool]) + m_t * [c is the best],
+eps ~ N(0, 1), with a per-position sharpness s_t ~ LogNormal(log 1.49, 0.25) and a winner margin
+m_t that is large (1.1 + Exp(2.8)) at 31% of positions (near-certain tokens) and small
+(Exp(1.07)) elsewhere. Every token outside the candidates follows the same model without the
+relevance bonus 3.9, its noise integrated out: the normaliser adds, in closed form, the
+expected mass exp(s^2 * 1.2^2 / 2) * (sum over the vocabulary of prior^(0.35 s) minus the
+candidates' share), from a table of sum(prior^e) over a grid of exponents e. So the stored
 rows are log-softmax values over the full vocabulary, the tail mass 1 - sum(exp(row)) is
 positive and realistic, and no [positions, V] array is ever built. Logprobs are computed in
 float32, rounded to float16, and rows are sorted canonically (logprob descending, ties by id
 ascending). K heavily penalised reserve candidates guarantee K distinct ids per row even in
 tiny vocabularies; with realistic vocabularies they never reach the top-K.
 
-Statistics (seed 0, 20000 positions, K=100, V=128256, measured by `python -m
-logitcache.synthetic`): top-1 probability quantiles 10/50/90% = 0.27 / 0.97 / 1.00, entropy
-within the renormalised top-K 10/50/90% = 0.00 / 0.21 / 2.97 nats, tail mass 1 - sum(p)
-10/50/90% = 0.0000 / 0.0003 / 0.153; consecutive rows share 18% of their top-K ids.
-These parameters were chosen by hand to resemble published descriptions of instruction-tuned
-teachers (most response tokens near-certain, a minority flat); they are not fitted to a model.
+Calibration. The constants were fitted (a random search, then a local one, on the sum of the
+quantile differences) to the real teacher rows of `tools/real_rows.py`: SmolLM2-135M-Instruct
+over Python standard-library source, every position a target, K=100, V=49152. Quantiles
+10/25/50/75/90% (`python -m logitcache.synthetic --vocab-size 49152 --k 100 --positions 20000`
+against the real rows, `benchmarks/bench_codec.py` prints both):
+
+                        synthetic                        real
+    top-1 probability   0.16 / 0.32 / 0.60 / 0.88 / 0.98     0.16 / 0.29 / 0.53 / 0.86 / 0.98
+    entropy in top-K    0.12 / 0.63 / 1.71 / 2.69 / 3.32     0.13 / 0.63 / 1.66 / 2.69 / 3.40
+    tail mass           .0003 / .0037 / .030 / .138 / .341   .0003 / .0024 / .024 / .089 / .185
+    id reuse, next row  18%                                  22%
+
+The synthetic tail is heavier above its median and neighbouring rows share fewer ids; the
+real rows' ids are also more skewed (an order-0 entropy coder stores them in fewer bytes).
+Versions before this calibration drew most positions near-certain (top-1 median 0.97).
 """
 
 from __future__ import annotations
@@ -52,15 +61,20 @@ ZIPF_EXPONENT = 1.05
 ZIPF_OFFSET = 2.7
 ID_JITTER = 0.7
 CANDIDATE_FLATTENING = 0.6
-CONTEXT_REFRESH = 0.15
+CONTEXT_REFRESH = 0.23
 PRIOR_WEIGHT = 0.35
 NOISE_SCALE = 1.2
 CONTEXT_BONUS = 2.0
-RELEVANCE = 6.0
+RELEVANCE = 3.9
 RESERVE_PENALTY = 30.0
-SHARPNESS_MEDIAN = 1.6
-SHARPNESS_SPREAD = 0.45
-CONFIDENT_FRACTION = 0.5
+SHARPNESS_MEDIAN = 1.49
+SHARPNESS_SPREAD = 0.25
+CONFIDENT_FRACTION = 0.31
+# Winner margin: CONFIDENT_MARGIN + Exp(CONFIDENT_MARGIN_SCALE) at confident positions,
+# Exp(OPEN_MARGIN_SCALE) elsewhere.
+CONFIDENT_MARGIN = 1.1
+CONFIDENT_MARGIN_SCALE = 2.8
+OPEN_MARGIN_SCALE = 1.07
 # Grid of exponents e for the table of log sum_v prior_v^e (the closed-form tail mass).
 _EXPONENT_GRID = np.geomspace(0.01, 20.0, 160)
 
@@ -225,9 +239,11 @@ class SyntheticTeacher:
             np.float32
         )
         confident = rng.random(n) < self.confident_fraction
-        margin = np.where(confident, 4.0 + rng.exponential(4.0, n), rng.exponential(1.5, n)).astype(
-            np.float32
-        )
+        margin = np.where(
+            confident,
+            CONFIDENT_MARGIN + rng.exponential(CONFIDENT_MARGIN_SCALE, n),
+            rng.exponential(OPEN_MARGIN_SCALE, n),
+        ).astype(np.float32)
         z = base * sharp[:, None]
         top = np.argpartition(z, n_cand - k, axis=1)[:, n_cand - k :]
         z_top = np.take_along_axis(z, top, axis=1)

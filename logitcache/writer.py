@@ -38,6 +38,7 @@ from .format import (
     CacheError,
 )
 from .layout import WriterSlot, new_generation
+from .lossy import LossyRows
 from .manifest import Manifest, ShardEntry, now_iso
 from .progress import Progress, as_json, identity_mismatch, read_progress
 from .shard import COLUMN_ORDER, EncodedChunk, ShardBuilder, encode_chunk
@@ -93,6 +94,12 @@ class CacheWriter:
     Distributed writers pass `rank` and `world_size`: each rank commits a partial manifest
     and `logitcache merge` (or `merge_partials`) commits the cache once all ranks finished.
 
+    `lossy_kl=BUDGET` (nats) stores every row within BUDGET of its lossless version (KL in
+    each direction, renormalised over the stored ids, with and without the outside bucket, plus
+    the cost of leaving out the tail entries; see logitcache.lossy): logprobs on a grid and
+    rows cut short where their tail is light (unless `lossy_truncate=False`), padded to K with
+    entries of logprob -65504.
+
     Long runs call `checkpoint(progress)` now and then; a run killed later is continued by a
     writer created with `resume=True` and the same identity (k, vocab_size, positions, teacher,
     tokenizer, metadata, codecs, rank, world_size), which keeps the checkpointed shards and
@@ -119,6 +126,8 @@ class CacheWriter:
         resume: bool = False,
         threads: int | None = None,
         generation: str | None = None,
+        lossy_kl: float | None = None,
+        lossy_truncate: bool = True,
     ):
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k={k!r}: must be an integer in [1, {MAX_K}]")
@@ -136,6 +145,12 @@ class CacheWriter:
         self.rank, self.world_size = rank, world_size
         self.chunk_bytes, self.shard_bytes = int(chunk_bytes), int(shard_bytes)
         configs = default_pipeline_configs(k)
+        # Lossy mode (spec section 12): rows within a per-row KL budget, entropy-coded.
+        self._lossy = (
+            None if lossy_kl is None else LossyRows(lossy_kl, k, truncation=lossy_truncate)
+        )
+        if self._lossy is not None:
+            configs.update(self._lossy.pipelines())
         for name, config in (codecs or {}).items():
             if name not in configs:
                 raise ValueError(f"codecs: unknown column {name!r}; columns are {list(configs)}")
@@ -162,6 +177,7 @@ class CacheWriter:
                 "codecs": {name: configs[name] for name in sorted(configs)},
                 "rank": rank,
                 "world_size": world_size,
+                **({} if self._lossy is None else {"lossy": self._lossy.config()}),
             },
             what="teacher, tokenizer and metadata",
         )
@@ -321,6 +337,8 @@ class CacheWriter:
         rows_ids = np.array(rows_ids, dtype=np.int32, order="C")  # own copies: sorted in place
         rows_lp = np.array(rows_lp, dtype=np.float16, order="C")
         self._check_rows(index, rows_ids, rows_lp)
+        if self._lossy is not None:
+            rows_ids, rows_lp = self._lossy.apply(rows_ids, rows_lp)
         sid = _sample_id_bytes(sample_id, index)
 
         self._pending[COL_RECORD_LENGTHS].append(t)
@@ -555,7 +573,15 @@ class CacheWriter:
             created_at=now_iso(),
             rank=self.rank,
             world_size=self.world_size,
+            lossy=None
+            if self._lossy is None
+            else {**self._lossy.config(), "measured": self._lossy.stats.to_json()},
         )
+
+    @property
+    def lossy_stats(self):
+        """What lossy mode did so far (rows, exact rows, mean and max row KL); None if lossless."""
+        return None if self._lossy is None else self._lossy.stats
 
     def close(self) -> Manifest:
         """Write what is pending, then the manifest (the commit). Returns the manifest.

@@ -54,8 +54,208 @@ def check_manifest_checksum(data: bytes, obj: dict) -> None:
     assert obj["manifest_checksum"] == f"xxh3_64:{xxhash.xxh3_64_hexdigest(data[:at])}"
 
 
-def decode_codec(config: dict, data: bytes, raw_size: int) -> bytes:
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            assert byte != 0 or shift == 0, "varint is not minimal"  # 6.6
+            assert shift <= 28 and value < 2**32
+            return value, pos
+        shift += 7
+
+
+def _tables(data: bytes, pos: int, alphabets: list[int]) -> tuple[list, int]:
+    """Section 6.8: per context None (unused) or a list of (token, freq, cum)."""
+    tables = []
+    for alphabet in alphabets:
+        m, pos = _varint(data, pos)
+        if m == 0:
+            tables.append(None)
+            continue
+        assert 2 <= m <= alphabet
+        token, cum, entries = -1, 0, []
+        for _ in range(m):
+            gap, pos = _varint(data, pos)
+            f, pos = _varint(data, pos)
+            token, f = token + 1 + gap, f + 1
+            assert token < alphabet and f <= 4095
+            entries.append((token, f, cum))
+            cum += f
+        assert cum == 4096
+        tables.append(entries)
+    return tables, pos
+
+
+class _Rans:
+    """Section 6.8: four states read first, then 16-bit words; value i uses state i mod 4."""
+
+    def __init__(self, data: bytes, pos: int):
+        self.x = list(struct.unpack_from("<4I", data, pos))
+        self.data, self.pos, self.value = data, pos + 16, 0
+
+    def _renorm(self, j: int) -> None:
+        if self.x[j] < 2**16:
+            assert self.pos + 2 <= len(self.data), "stream needs a word past its end"
+            self.x[j] = self.x[j] * 2**16 + struct.unpack_from("<H", self.data, self.pos)[0]
+            self.pos += 2
+
+    def token(self, table) -> int:
+        assert table is not None, "a token from an unused context"
+        j = self.value % 4
+        slot = self.x[j] % 4096
+        token, f, cum = next(e for e in table if e[2] <= slot < e[2] + e[1])
+        self.x[j] = f * (self.x[j] // 4096) + slot - cum
+        self._renorm(j)
+        return token
+
+    def raw(self, bits: int) -> int:
+        j, value, shift = self.value % 4, 0, 0
+        while bits > 0:
+            piece = min(bits, 16)
+            value |= (self.x[j] % 2**piece) << shift
+            self.x[j] //= 2**piece
+            self._renorm(j)
+            shift, bits = shift + piece, bits - piece
+        return value
+
+    def hybrid(self, table) -> int:
+        t = self.token(table)
+        if t < 16:
+            return t
+        n = 4 + (t - 16) // 4
+        return (4 + (t - 16) % 4) * 2 ** (n - 2) + self.raw(n - 2)
+
+    def next_value(self) -> None:
+        self.value += 1
+
+    def finish(self) -> None:
+        assert self.pos == len(self.data), "words left over"
+        assert self.x == [2**16] * 4, "the stream does not end in the initial states"
+
+
+def _rank_context(r: int) -> int:
+    return 0 if r == 0 else min(7, r.bit_length())
+
+
+def _rows(n: int, k: int):
+    for start in range(0, n, k):
+        yield start, min(k, n - start)
+
+
+def decode_ans_uint(config: dict, data: bytes, size: int) -> bytes:
+    e, k = config["elementsize"], config["row_length"]
+    n = size // e
+    if n == 0:
+        assert not data
+        return b""
+    tables, pos = _tables(data, 0, [64 if e == 2 else 128] * 8)
+    rans, out = _Rans(data, pos), []
+    for _, width in _rows(n, k):
+        for r in range(width):
+            out.append(rans.hybrid(tables[_rank_context(r)]))
+            rans.next_value()
+    rans.finish()
+    return struct.pack(f"<{n}{'H' if e == 2 else 'I'}", *out)
+
+
+def decode_ans_ids(config: dict, data: bytes, size: int) -> bytes:
+    k, n = config["row_length"], size // 4
+    if n == 0:
+        assert not data
+        return b""
+    d, pos = _varint(data, 0)
+    assert 1 <= d <= n
+    tables, pos = _tables(data, pos, [32] * 8 + [128, 32, 64])
+    rans = _Rans(data, pos)
+    distinct, prev = [], -1
+    for _ in range(d):
+        prev = prev + 1 + rans.hybrid(tables[8])
+        rans.next_value()
+        assert prev < 2**24
+        distinct.append(prev)
+    classes = d.bit_length()  # floor(log2 D) + 1
+    members = [[] for _ in range(classes)]
+    for ident in distinct:  # ascending, so each class's members are ascending too
+        c = rans.token(tables[9])
+        rans.next_value()
+        assert c < classes
+        members[c].append(ident)
+    for c in range(classes):
+        assert len(members[c]) == min(2**c, d - 2**c + 1)
+    out = []
+    for _, width in _rows(n, k):
+        f = 0
+        if k >= 2:
+            f = rans.hybrid(tables[10])
+            rans.next_value()
+            assert f < width and (width == k or f == 0)
+        row = []
+        for j in range(width - f):
+            c = rans.token(tables[_rank_context(j)])
+            assert c < classes
+            index = rans.raw(c)
+            rans.next_value()
+            row.append(members[c][index])
+        free = (i for i in range(k) if i not in row)
+        row += [next(free) for _ in range(f)]
+        out += row
+    rans.finish()
+    return struct.pack(f"<{n}i", *out)
+
+
+def decode_fp16_grid(config: dict, data: bytes, size: int) -> bytes:
+    k, step = config["row_length"], config["step"]
+    last = 65536 // step
+    grid = [struct.unpack("<H", struct.pack("<e", -(j * step) / 1024))[0] for j in range(last + 1)]
+    grid[0] = 0x8000
+    grid.append(0xFBFF)
+    values = struct.unpack(f"<{len(data) // 4}I", data)
+    out = []
+    for start, width in _rows(len(values), k):
+        first = values[start]
+        assert first <= 0x1FFFF
+        key = first & 0xFFFF
+        out.append(_key_to_bits(key))
+        j = 0
+        for i, d in enumerate(values[start + 1 : start + width]):
+            if first >= 0x10000:
+                assert d <= 0xFFFF
+                key = (key - d) % 65536
+                out.append(_key_to_bits(key))
+            else:
+                j = d if i == 0 else (j + d) % 2**32
+                assert j < len(grid)
+                out.append(grid[j])
+    return struct.pack(f"<{len(out)}H", *out)
+
+
+def encoded_size(config: dict, size: int | None) -> int | None:
+    """The exact encoded size of a codec's output for an input of `size` bytes (section 5),
+    or None where it depends on the data."""
     cid = config["id"]
+    if size is None or cid in ("zstd", "varint", "ans_uint", "ans_ids"):
+        return None
+    if cid == "fp16_grid":
+        return 2 * size
+    if cid == "byte_bit_shuffle":
+        e, planes = config["elementsize"], config["byte_planes"]
+        n = size // e
+        return planes * n + 8 * (e - planes) * ((n + 7) // 8)
+    return size
+
+
+def decode_codec(config: dict, data: bytes, raw_size: int | None) -> bytes:
+    """Invert one codec; raw_size is its decoded size, None when only a bound is known."""
+    cid = config["id"]
+    if cid == "ans_uint":
+        return decode_ans_uint(config, data, raw_size)
+    if cid == "ans_ids":
+        return decode_ans_ids(config, data, raw_size)
+    if cid == "fp16_grid":
+        return decode_fp16_grid(config, data, raw_size)
     if cid == "zstd":
         assert isinstance(config["level"], int) and -7 <= config["level"] <= 22  # 6.1
         reader = zstandard.ZstdDecompressor().decompressobj()
@@ -145,10 +345,14 @@ def decode_cache(root: str) -> dict:
             for name, block in chunk["blocks"].items():
                 stored = blob[block["offset"] : block["offset"] + block["length"]]
                 assert xxhash.xxh3_64_hexdigest(stored) == block["checksum"]
-                # Only byte_bit_shuffle needs its decoded size, and the spec allows it only
-                # where that size is exact: first, or after codecs that keep sizes.
-                for config in reversed(footer["columns"][name]["codecs"]):
-                    stored = decode_codec(config, stored, block["raw_length"])
+                # byte_bit_shuffle and the ans codecs need their decoded size, which the spec
+                # allows only where it is exact: the size of the stage before them (section 5).
+                codecs = footer["columns"][name]["codecs"]
+                sizes = [block["raw_length"]]
+                for config in codecs[:-1]:
+                    sizes.append(encoded_size(config, sizes[-1]))
+                for config, size in zip(reversed(codecs), reversed(sizes), strict=True):
+                    stored = decode_codec(config, stored, size)
                 assert len(stored) == block["raw_length"]
                 cols[name] = stored
             lengths = _ints("i", cols["record_lengths"])

@@ -269,6 +269,9 @@ def test_registry_holds_the_spec_codecs():
         "fp16_key_delta",
         "int_delta",
         "varint",
+        "ans_uint",
+        "ans_ids",
+        "fp16_grid",
     }
 
 

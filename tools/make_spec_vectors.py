@@ -51,6 +51,39 @@ VECTORS = {
         chunk_bytes=200,
         shard_bytes=600,
     ),
+    # The entropy codecs of format 1.1 (sections 6.8-6.10): ids above 2^16, a row ending in
+    # filler ids, record lengths through ans_uint(4, 1).
+    "supervised-k6-v70000-ans": dict(
+        k=6,
+        vocab_size=70000,
+        positions="supervised",
+        records=6,
+        sample_ids="some",
+        codecs={
+            "topk_ids": [{"id": "ans_ids", "row_length": 6}],
+            "topk_logprobs": [
+                {"id": "fp16_key_delta", "row_length": 6},
+                {"id": "ans_uint", "elementsize": 2, "row_length": 6},
+            ],
+            "input_ids": [{"id": "ans_ids", "row_length": 1}],
+            "record_lengths": [{"id": "ans_uint", "elementsize": 4, "row_length": 1}],
+        },
+        chunk_bytes=1 << 20,
+        shard_bytes=1 << 20,
+        filler_row=True,
+    ),
+    # A lossy cache (section 12): fp16_grid + ans_uint, padded rows.
+    "all-k5-v1000-lossy": dict(
+        k=5,
+        vocab_size=1000,
+        positions="all",
+        records=5,
+        sample_ids="none",
+        codecs=None,
+        lossy_kl=0.05,
+        chunk_bytes=1 << 20,
+        shard_bytes=1 << 20,
+    ),
 }
 
 
@@ -81,6 +114,11 @@ def _records(spec: dict, seed: int):
             logprobs[-1, -1] = np.float16(-65504.0)
         if n and k == 1 and r == 2:
             logprobs[0, 0] = -np.float16(6e-8)  # a subnormal: p just below 1
+        if spec.get("filler_row") and n:
+            # Ends in the smallest ids not among the others: ans_ids codes only how many.
+            free = [i for i in range(k) if i not in ids[0, : k - 2]]
+            ids[0, k - 2 :] = free[:2]
+            logprobs[0, k - 2 :] = [-20.0, -21.0]  # last in canonical order
         sample_id = {"all": f"example-{r}", "none": None}.get(
             spec["sample_ids"], f"ex/{r}/é" if r % 2 else None
         )
@@ -132,6 +170,7 @@ def write_vector(out_dir: str, name: str, spec: dict, seed: int) -> None:
         threads=1,
         # A fixed generation token keeps regenerated shard names and footers byte-identical.
         generation=f"{seed:012x}",
+        lossy_kl=spec.get("lossy_kl"),
     ) as writer:
         for record in _records(spec, seed):
             writer.add(**record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -49,14 +50,71 @@ def main(argv: list[str] | None = None) -> int:
         bound = cfg["bounds"]["uniform_set_bytes"]
         ax.hlines(bound, c - 0.4, c + 0.4, colors="black", linestyles="dashed", linewidth=1)
     ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels([f"K={c['k']}\nV={c['vocab_size']}" for c in configs], fontsize=8)
+    ax.set_xticklabels(
+        [f"{c.get('data', 'synthetic')}\nK={c['k']}\nV={c['vocab_size']}" for c in configs],
+        fontsize=8,
+    )
     ax.set_ylabel("bytes per target token")
     ax.set_title("top-K cache size per method (dashed: log2 C(V, K) / 8 index-set bound)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
+    lossy = [c for c in configs if c.get("lossy")]
+    if lossy:
+        path = args.output.with_name(args.output.stem + "_lossy.png")
+        plot_lossy(plt, lossy, path)
+        print(f"wrote {path}")
     return 0
+
+
+def plot_lossy(plt, configs: list[dict], path: Path) -> None:
+    """Bytes per target against mean KL of lossy mode on the real rows, one line per K, with
+    the lossless entropy-coded and default sizes for reference."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cfg in configs:
+        rows = [r for r in cfg["lossy"] if r.get("truncation", True)]
+        line = ax.plot(
+            [r["mean_renorm_fwd"] for r in rows],
+            [r["bytes_per_token"] for r in rows],
+            marker="o",
+            label=f"lossy, K={cfg['k']} (budgets {', '.join(str(r['budget']) for r in rows)})",
+        )
+        kept = [r for r in cfg["lossy"] if not r.get("truncation", True)]
+        if kept:
+            ax.plot(
+                [r["mean_renorm_fwd"] for r in kept],
+                [r["bytes_per_token"] for r in kept],
+                marker="x",
+                linestyle="none",
+                color=line[0].get_color(),
+                label=f"lossy without truncation, K={cfg['k']}",
+            )
+        for r in cfg["results"]:
+            if r["name"].startswith(("ours entropy (", "ours default")):
+                ax.axhline(
+                    r["bytes_per_token"],
+                    color=line[0].get_color(),
+                    linestyle="dashed" if r["name"].startswith("ours entropy") else "dotted",
+                    linewidth=1,
+                )
+    ax.set_xscale("log")
+    # Label the minor ticks at 2, 3 and 5 times a power of ten: the range is under a decade.
+    ax.xaxis.set_minor_formatter(
+        FuncFormatter(
+            lambda v, _: (
+                f"{v:.0e}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""
+            )
+        )
+    )
+    ax.set_xlabel("mean KL per row, stored vs lossless (nats, renormalised over stored ids)")
+    ax.set_ylabel("bytes per target token (ids + logprobs)")
+    ax.set_title("lossy mode on real teacher rows (dashed: lossless rANS, dotted: default)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
