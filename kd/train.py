@@ -121,14 +121,15 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         shutdown(ranks)
 
 
-def warn_if_truncated_lossy(manifest, config: TrainConfig) -> None:
+def warn_if_truncated_lossy(manifest, config: TrainConfig, *, where: str = "") -> None:
     """Rows a lossy cache cut short give a loss over the stored ids no signal on the ids they
     left out; only `tail` puts the student's mass on those into the outside bucket it trains.
     benchmarks/bench_lossy.py measured the difference (results/bench_lossy*.json)."""
     lossy = manifest.lossy or {}
+    where = where or f"cache {config.cache}"
     if config.kd_weight > 0 and lossy.get("truncation") and config.mode != "tail":
         warnings.warn(
-            f"cache {config.cache} is lossy with rows cut short (budget {lossy.get('kl_budget')} "
+            f"{where} is lossy with rows cut short (budget {lossy.get('kl_budget')} "
             f"nats): in mode {config.mode!r} the student learns nothing about the ids a row "
             "left out, which raised held-out KL in benchmarks/bench_lossy.py; train with "
             "mode='tail', or write the cache with --lossy-no-truncation",
@@ -164,7 +165,11 @@ def _train(config: TrainConfig, ranks: Ranks, resume: str | None, progress: bool
         for stage, stage_datasets in zip(stages, datasets, strict=True)
         for source, dataset in zip(stage.sources, stage_datasets, strict=True)
     )
-    warn_if_truncated_lossy(manifest, config)
+    for stage, stage_datasets in zip(stages, datasets, strict=True):
+        for source, dataset in zip(stage.sources, stage_datasets, strict=True):
+            warn_if_truncated_lossy(
+                dataset.cache.manifest, source.config, where=source_label(stage, source)
+            )
     eval_set = open_eval_set(config, student) if config.eval_data else None
     if config.packing:
         check_packing_support(student.model, vocab_rows=vocab_size)

@@ -118,3 +118,26 @@ def test_training_on_truncated_lossy_rows_warns_unless_tail(
     assert bool(messages) == warns, messages
     if warns:
         assert "mode='tail'" in messages[0] and "--lossy-no-truncation" in messages[0]
+
+
+def test_train_on_a_truncated_lossy_cache_warns_and_trains(kd_inputs, tmp_path):
+    """The warning fires from `train` itself, naming the cache, and the run still completes."""
+    import warnings
+
+    from kd.config import TrainConfig, validate
+    from kd.train import train
+    from logitcache.convert import convert
+
+    lossy = str(tmp_path / "lossy")
+    convert(str(kd_inputs.cache), lossy, lossy_kl=0.05)
+    config = TrainConfig(
+        student=str(kd_inputs.student), cache=lossy, output_dir=str(tmp_path / "run"),
+        max_steps=2, batch_size=4, num_workers=0, plot=False, threads=1, mode="renorm",
+    )  # fmt: skip
+    validate(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config)
+    messages = [str(w.message) for w in caught if "lossy" in str(w.message)]
+    assert len(messages) == 1 and f"cache {lossy} is lossy" in messages[0], messages
+    assert result.steps == 2
