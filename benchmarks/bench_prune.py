@@ -209,10 +209,10 @@ def main() -> None:
     parser.add_argument("--depth-loss-samples", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=100, help="teacher entries cached per target")
-    parser.add_argument("--steps", type=int, default=48, help="kd train steps per student")
+    parser.add_argument("--steps", type=int, default=20, help="kd train steps per student")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--train-samples",
         type=int,
