@@ -434,6 +434,7 @@ def plot_eval_curves(p: Pipeline, results: list[ModelResult], sizes: DemoScale) 
     from .metrics import read_metrics
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    trained: list[float] = []  # CE after step 0: the initial student's would flatten the curves
     for run in demo_runs(sizes):
         points = [
             (m["step"], m["eval_ce"])
@@ -443,9 +444,17 @@ def plot_eval_curves(p: Pipeline, results: list[ModelResult], sizes: DemoScale) 
         if points:
             steps, ce = zip(*points, strict=True)
             ax.plot(steps, ce, marker="o", markersize=3, label=run.name)
+            trained += [c for s, c in points if s > 0]
+    floor = None
     for r in results:
         if r.objective == "teacher":
             ax.axhline(r.stdlib_ce, color="gray", linestyle="--", label="teacher")
+            floor = r.stdlib_ce
+        if r.objective == "initial":
+            ax.plot([], [], " ", label=f"step 0: {r.stdlib_ce:.2f}")
+    if trained and floor is not None:
+        top = max(trained)
+        ax.set_ylim(floor - 0.1 * (top - floor), top + 0.1 * (top - floor))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out stdlib cross-entropy (nats/token)")
     ax.set_title("KD + SFT vs SFT: a pruned SmolLM2 student on standard-library functions")
