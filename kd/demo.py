@@ -183,6 +183,13 @@ class Pipeline:
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
+    def relative(self, result: ModelResult) -> dict:
+        """A result as JSON, its model path relative to the output directory (which can move)."""
+        row = asdict(result)
+        if os.path.isabs(row["path"]) and row["path"].startswith(self.out + os.sep):
+            row["path"] = os.path.relpath(row["path"], self.out)
+        return row
+
     def run(self, step: str, prog: str, argv: list[str], *, capture: bool = False) -> str:
         """Run `prog argv` through its real entry point in this process."""
         from logitcache.cli import main as logitcache_main
@@ -299,9 +306,9 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
         "step_seconds": {k: round(v, 1) for k, v in p.timings.items()},
         "cache": {k: stats.get(k) for k in ("records", "targets", "bytes", "bytes_per_target")},
-        "models": [asdict(r) for r in results],
+        "models": [p.relative(r) for r in results],
     }
-    write_json(p.path("results.json"), [asdict(r) for r in results])
+    write_json(p.path("results.json"), [p.relative(r) for r in results])
     write_json(p.path("report.json"), report)
     table = format_table(results, sizes)
     with open(p.path("results.md"), "w", encoding="utf-8") as f:
