@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from logitcache.cli import json_object
+
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -77,24 +79,6 @@ def run_export(args) -> int:
 
 # --------------------------------------------------------------------------------------------
 # kd cache
-
-
-def json_object(text: str) -> dict:
-    """A JSON object given inline or as @path/to/file.json."""
-    source = text
-    if text.startswith("@"):
-        try:
-            with open(text[1:], encoding="utf-8") as f:
-                source = f.read()
-        except OSError as e:
-            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {e.strerror}") from None
-    try:
-        value = json.loads(source)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text[:80]!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def positive_float(text: str) -> float:

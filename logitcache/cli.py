@@ -40,7 +40,7 @@ def _size(text: str) -> int:
     return value
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     """A JSON object given inline or as @path/to/file.json."""
     source = text
     if text.startswith("@"):
@@ -94,7 +94,7 @@ def _positive_float(text: str) -> float:
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-options",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help="fsspec storage options for remote URLs, inline JSON or @file.json "
         '(e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\')',
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--codecs",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help="codec pipelines per column as JSON or @file.json, e.g. "
         '\'{"topk_logprobs": [{"id": "zstd", "level": 9}]}\'',
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dst-storage-options",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help="storage options for DST when they differ from --storage-options",
     )
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="combine caches that record no tokenizer fingerprint (ids are assumed to agree)",
     )
     p.add_argument(
-        "--codecs", type=_json_object, metavar="JSON", help="codec pipelines per column (JSON)"
+        "--codecs", type=json_object, metavar="JSON", help="codec pipelines per column (JSON)"
     )
     p.add_argument(
         "--chunk-bytes", type=_size, metavar="SIZE", help="target raw bytes per chunk (e.g. 2M)"
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dst-storage-options",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help="storage options for DST when they differ from --storage-options",
     )
