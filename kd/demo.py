@@ -359,14 +359,18 @@ def prepare_data(p: Pipeline, sizes: DemoScale) -> dict[str, str]:
             humaneval_rows()[: sizes.humaneval_problems], p.path("data", "humaneval.jsonl")
         ),
     }
-    modules = lambda fns: len({f.module.split(".")[0] for f in fns})  # noqa: E731
     p.log(
-        f"data: {len(train)} training functions from {modules(train)} modules, {len(heldout)} "
-        f"held-out functions from {modules(heldout)} other modules, "
+        f"data: {len(train)} training functions from {count_modules(train)} modules, "
+        f"{len(heldout)} held-out functions from {count_modules(heldout)} other modules, "
         f"{sizes.humaneval_problems or 164} HumanEval problems"
     )
     p.timings["data"] = time.perf_counter() - start
     return paths
+
+
+def count_modules(functions) -> int:
+    """Top-level standard-library modules the functions come from (the unit of the split)."""
+    return len({f.module.split(".")[0] for f in functions})
 
 
 def count_parameters(model_dir: str) -> int:
