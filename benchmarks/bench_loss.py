@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import proc_status_kib, reset_peak_rss
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 VARIANTS = ("reference", "fused_sft", "fused_kd_sft")
@@ -39,20 +41,6 @@ VARIANT_HELP = {
 
 
 # ------------------------------------------------------------------------------ worker
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} line; peak RSS needs Linux")
-
-
-def _reset_peak_rss() -> None:
-    # Writing 5 resets VmHWM to the current RSS (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
 
 
 def _run_worker(config: dict) -> list[dict]:
@@ -116,13 +104,13 @@ def _run_worker(config: dict) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             baseline = torch.cuda.memory_allocated()
         else:
-            _reset_peak_rss()
-            baseline = _proc_status_kib("VmRSS") * 1024
+            reset_peak_rss()
+            baseline = proc_status_kib("VmRSS") * 1024
         start = time.perf_counter()
         step(variant, m)
         sync()
         elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_kib("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated() if cuda else proc_status_kib("VmHWM") * 1024
         return elapsed, peak - baseline
 
     for variant in VARIANTS:

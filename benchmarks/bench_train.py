@@ -48,7 +48,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import format_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    format_table,
+    proc_status_kib,
+    reset_peak_rss,
+    write_results,
+)
 
 STEP_VARIANTS = ("kd_sft", "sft", "online_kd")
 PACKING_VARIANTS = ("padded_random", "padded_grouped", "packed_random")
@@ -134,19 +139,6 @@ def write_cache(teacher_dir: Path, out: Path, *, records: int, max_length: int, 
 
 
 # ------------------------------------------------------------------------------ worker
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} line; peak RSS needs Linux")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM <- VmRSS (Linux >= 4.0)
 
 
 class Bench:
@@ -315,14 +307,14 @@ def run_memory(config: dict) -> dict:
     bench = Bench(config, with_teacher=variant == "online_kd")
     batches = bench.step_batches(teacher_columns=variant == "kd_sft")
     bench.step(variant, batches[0])  # warm-up: AdamW state, thread pools
-    before = _status_kib("VmRSS") * 1024
-    _reset_peak_rss()
+    before = proc_status_kib("VmRSS") * 1024
+    reset_peak_rss()
     for batch in batches[1:3]:
         bench.step(variant, batch)
     return {
         "variant": variant,
         "rss_before_bytes": before,
-        "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+        "peak_rss_bytes": proc_status_kib("VmHWM") * 1024,
     }
 
 

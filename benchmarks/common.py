@@ -137,3 +137,18 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def proc_status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS now, VmHWM the peak since the last reset)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line; peak RSS needs Linux")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: writing 5 to clear_refs sets VmHWM to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")

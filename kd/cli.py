@@ -402,7 +402,10 @@ def add_eval(sub) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
     p.add_argument(
-        "--storage-options", metavar="JSON", help="fsspec options for a remote cache, as JSON"
+        "--storage-options",
+        type=json_object,
+        metavar="JSON",
+        help="fsspec options for a remote cache, as JSON (or @file.json)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -412,12 +415,6 @@ def run_eval(args) -> int:
 
     from .evaluate import evaluate_model
 
-    options = None
-    if args.storage_options:
-        try:
-            options = json.loads(args.storage_options)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--storage-options is not JSON: {exc}") from None
     result = evaluate_model(
         args.model,
         args.data,
@@ -426,7 +423,7 @@ def run_eval(args) -> int:
         max_length=args.max_length,
         device=args.device,
         tokenizer=args.tokenizer,
-        storage_options=options,
+        storage_options=args.storage_options,
         chat_template=args.chat_template,
     )
     if args.json:

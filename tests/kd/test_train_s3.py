@@ -76,3 +76,28 @@ def test_training_from_s3_with_workers_matches_local_disk(kd_inputs, moto_s3, tm
         for key in ("loss", "kd", "ce", "eval_ce", "eval_kd"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_kd_eval_command_reads_a_cache_from_s3(kd_inputs, moto_s3, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import cli_env
+
+    options = s3_options(moto_s3)
+    heldout = upload(kd_inputs.heldout_cache, _new_bucket(moto_s3), "heldout", options)
+    run = [sys.executable, "-m", "kd.cli", "eval", "--model", str(kd_inputs.student), "--json"]
+    remote = subprocess.run(
+        [*run, "--data", heldout, "--storage-options", json.dumps(options)],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )  # fmt: skip
+    local = subprocess.run(
+        [*run, "--data", str(kd_inputs.heldout_cache)],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )  # fmt: skip
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr[-2000:]
+    a, b = json.loads(remote.stdout), json.loads(local.stdout)
+    assert a["targets"] == b["targets"] > 0
+    for key in ("ce", "accuracy", "kl"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
