@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
-from . import _numpy_kernels
 from .format import (
     COL_INPUT_IDS,
     COL_LOSS_MASK,
@@ -30,8 +29,9 @@ _KERNELS = None
 
 
 def kernels():
-    """The numba kernels, imported on first use: `import logitcache`, commands that only read
-    manifests and readers of the default pipelines (_numpy_kernels) never load numba."""
+    """The numba kernels, imported on first use: `import logitcache` and commands that only
+    read manifests never load numba. Loaders call this before starting workers, so forked
+    workers inherit the loaded kernels instead of each loading them again."""
     global _KERNELS
     if _KERNELS is None:
         from . import _kernels
@@ -136,20 +136,21 @@ class Zstd(Codec):
         if size < 0:
             raise CodecError("zstd: frame does not declare its content size")
         self._check_size(size, decoded_size, exact)
-        frame = zstd_frame_length(buf)
-        if frame != len(buf):
-            raise CodecError(
-                f"zstd: the block holds {len(buf)} bytes but its frame ends at byte {frame}; "
-                "a block is exactly one frame"
-                if frame >= 0
-                else "zstd: the frame is cut short"
-            )
         dctx = self._local.__dict__.get("decompressor")
         if dctx is None:
             dctx = self._local.decompressor = zstandard.ZstdDecompressor()
         try:
-            out = dctx.decompress(buf, max_output_size=size)
+            # Refuses bytes after the frame: a block is exactly one frame (checked in C).
+            out = dctx.decompress(buf, max_output_size=size, allow_extra_data=False)
         except zstandard.ZstdError as exc:
+            frame = zstd_frame_length(buf)
+            if frame < 0:
+                raise CodecError("zstd: the frame is cut short") from None
+            if frame != len(buf):
+                raise CodecError(
+                    f"zstd: the block holds {len(buf)} bytes but its frame ends at byte "
+                    f"{frame}; a block is exactly one frame"
+                ) from None
             raise CodecError(f"zstd: {exc}") from None
         if len(out) != size:
             raise CodecError(f"zstd: decoded {len(out)} bytes, frame declared {size}")
@@ -205,7 +206,9 @@ class Shuffle(Codec):
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         self._check_size(buf.size, decoded_size, exact)
         self._check(buf.size)
-        return _numpy_kernels.byte_unshuffle(buf, self.elementsize)
+        out = np.empty(buf.size, dtype=np.uint8)
+        kernels().byte_unshuffle(buf, self.elementsize, out)
+        return out
 
 
 class ByteBitShuffle(Codec):
@@ -259,14 +262,35 @@ class ByteBitShuffle(Codec):
                 f"{self.max_encoded_size(decoded_size)}"
             )
         if (self.elementsize, self.byte_planes) == (4, 2):  # token ids
-            out = np.empty(decoded_size, dtype=np.uint8)
-            status = _numpy_kernels.unshuffle_ids(buf, out)
+            out = _unshuffle_ids(buf, decoded_size // 4)
+            if out is not None:
+                return out
+            out = np.zeros(decoded_size, dtype=np.uint8)
+            status = kernels().byte_bit_unshuffle(buf, 4, 2, out)
         else:
             out = np.zeros(decoded_size, dtype=np.uint8)
             status = kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out)
         if status != 0:
             raise CodecError("byte_bit_shuffle: a padding bit is set")
         return out
+
+
+def _unshuffle_ids(buf: np.ndarray, n: int) -> np.ndarray | None:
+    """The fast path of byte_bit_shuffle(4, 2) decoding, or None when more than two bit
+    planes hold a set bit (ids of 2**18 and above: the generic kernel decodes those)."""
+    nb = (n + 7) // 8
+    planes = buf[2 * n :].reshape(16, nb)
+    if n % 8 and (planes[:, -1] & ((1 << (8 - n % 8)) - 1)).any():
+        raise CodecError("byte_bit_shuffle: a padding bit is set")
+    used = np.flatnonzero(planes.any(axis=1)).tolist()
+    if len(used) > 2:
+        return None
+    zero = np.zeros(nb, dtype=np.uint8)
+    zero.flags.writeable = False  # typed as the planes are: one compiled kernel, not three
+    (qa, a), (qb, b) = ([(31 - q, planes[q]) for q in used] + [(0, zero), (0, zero)])[:2]
+    words = np.empty(n, dtype=np.uint32)
+    kernels().unshuffle_ids(buf[:n], buf[n : 2 * n], a, qa, b, qb, words)
+    return words.view(np.uint8)
 
 
 class Fp16KeyDelta(Codec):
@@ -299,8 +323,9 @@ class Fp16KeyDelta(Codec):
         self._check_size(buf.size, decoded_size, exact)
         if buf.size % 2:
             raise CodecError("fp16_key_delta: odd number of bytes")
-        bits = _numpy_kernels.fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length)
-        return bits.view(np.uint8)
+        out = np.empty(buf.size // 2, dtype=np.uint16)
+        kernels().fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length, out)
+        return out.view(np.uint8)
 
 
 class Int32Delta(Codec):
@@ -945,3 +970,15 @@ def entropy_pipeline_configs(k: int, *, logprobs: str = "ans") -> dict[str, list
 
 def default_pipelines(k: int) -> dict[str, Pipeline]:
     return {col: Pipeline.from_config(cfg) for col, cfg in default_pipeline_configs(k).items()}
+
+
+def load_read_kernels() -> None:
+    """Load numba and the decoders of the default pipelines by decoding a block of zeros
+    through each: a DataLoader worker forked afterwards starts with them instead of paying
+    the load itself (a few tenths of a second of CPU per process)."""
+    for pipeline in default_pipelines(8).values():
+        raw = 64
+        size = raw
+        for codec in pipeline.codecs[:-1]:  # every default pipeline ends in zstd
+            size = codec.max_encoded_size(size)
+        pipeline.decode_bytes(pipeline.codecs[-1].encode(np.zeros(size, dtype=np.uint8)), raw)
