@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
+from . import _numpy_kernels
 from .format import (
     COL_INPUT_IDS,
     COL_LOSS_MASK,
@@ -27,17 +28,36 @@ from .format import (
 
 _KERNELS = None
 
+# The read path decodes with numpy until a process has passed this many bytes through its
+# decoders, then loads numba, whose kernels take half the time. Loading numba costs a process
+# about 0.3 s of CPU: most of the time to a first batch or of a short evaluation. numpy spends
+# about 0.14 ns a byte more (K=100 rows: 8 bytes counted per id and logprob), so by 2 GiB it
+# has spent what loading costs: the switch at break-even never costs more than twice the best
+# choice made in hindsight. Output is bit-identical either way.
+JIT_AFTER_BYTES = 2 << 30
+_numpy_decoded = 0
+
 
 def kernels():
-    """The numba kernels, imported on first use: `import logitcache` and commands that only
-    read manifests never load numba. Loaders call this before starting workers, so forked
-    workers inherit the loaded kernels instead of each loading them again."""
+    """The numba kernels, imported on first use: `import logitcache`, commands that only read
+    manifests and short reads of the default pipelines never load numba."""
     global _KERNELS
     if _KERNELS is None:
         from . import _kernels
 
         _KERNELS = _kernels
     return _KERNELS
+
+
+def read_kernels(nbytes: int):
+    """The numba kernels for decoding `nbytes` more, or None to decode them with numpy: numba
+    once it is loaded (by a writer, say) or once this process has decoded JIT_AFTER_BYTES."""
+    global _numpy_decoded
+    if _KERNELS is None:
+        _numpy_decoded += nbytes
+        if _numpy_decoded < JIT_AFTER_BYTES:
+            return None
+    return kernels()
 
 
 class CodecError(CorruptCacheError):
@@ -206,8 +226,11 @@ class Shuffle(Codec):
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         self._check_size(buf.size, decoded_size, exact)
         self._check(buf.size)
+        jit = read_kernels(buf.size)
+        if jit is None:
+            return _numpy_kernels.byte_unshuffle(buf, self.elementsize)
         out = np.empty(buf.size, dtype=np.uint8)
-        kernels().byte_unshuffle(buf, self.elementsize, out)
+        jit.byte_unshuffle(buf, self.elementsize, out)
         return out
 
 
@@ -262,11 +285,16 @@ class ByteBitShuffle(Codec):
                 f"{self.max_encoded_size(decoded_size)}"
             )
         if (self.elementsize, self.byte_planes) == (4, 2):  # token ids
-            out = _unshuffle_ids(buf, decoded_size // 4)
-            if out is not None:
-                return out
-            out = np.zeros(decoded_size, dtype=np.uint8)
-            status = kernels().byte_bit_unshuffle(buf, 4, 2, out)
+            jit = read_kernels(decoded_size)
+            if jit is None:
+                out = np.empty(decoded_size, dtype=np.uint8)
+                status = _numpy_kernels.unshuffle_ids(buf, out)
+            else:
+                out = _unshuffle_ids(jit, buf, decoded_size // 4)
+                if out is not None:
+                    return out
+                out = np.zeros(decoded_size, dtype=np.uint8)
+                status = jit.byte_bit_unshuffle(buf, 4, 2, out)
         else:
             out = np.zeros(decoded_size, dtype=np.uint8)
             status = kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out)
@@ -275,8 +303,8 @@ class ByteBitShuffle(Codec):
         return out
 
 
-def _unshuffle_ids(buf: np.ndarray, n: int) -> np.ndarray | None:
-    """The fast path of byte_bit_shuffle(4, 2) decoding, or None when more than two bit
+def _unshuffle_ids(jit, buf: np.ndarray, n: int) -> np.ndarray | None:
+    """numba's fast path of byte_bit_shuffle(4, 2) decoding, or None when more than two bit
     planes hold a set bit (ids of 2**18 and above: the generic kernel decodes those)."""
     nb = (n + 7) // 8
     planes = buf[2 * n :].reshape(16, nb)
@@ -289,7 +317,7 @@ def _unshuffle_ids(buf: np.ndarray, n: int) -> np.ndarray | None:
     zero.flags.writeable = False  # typed as the planes are: one compiled kernel, not three
     (qa, a), (qb, b) = ([(31 - q, planes[q]) for q in used] + [(0, zero), (0, zero)])[:2]
     words = np.empty(n, dtype=np.uint32)
-    kernels().unshuffle_ids(buf[:n], buf[n : 2 * n], a, qa, b, qb, words)
+    jit.unshuffle_ids(buf[:n], buf[n : 2 * n], a, qa, b, qb, words)
     return words.view(np.uint8)
 
 
@@ -323,8 +351,12 @@ class Fp16KeyDelta(Codec):
         self._check_size(buf.size, decoded_size, exact)
         if buf.size % 2:
             raise CodecError("fp16_key_delta: odd number of bytes")
-        out = np.empty(buf.size // 2, dtype=np.uint16)
-        kernels().fp16_key_delta_decode(_aligned(buf).view(np.uint16), self.row_length, out)
+        deltas = _aligned(buf).view(np.uint16)
+        jit = read_kernels(buf.size)
+        if jit is None:
+            return _numpy_kernels.fp16_key_delta_decode(deltas, self.row_length).view(np.uint8)
+        out = np.empty(deltas.size, dtype=np.uint16)
+        jit.fp16_key_delta_decode(deltas, self.row_length, out)
         return out.view(np.uint8)
 
 
@@ -970,15 +1002,3 @@ def entropy_pipeline_configs(k: int, *, logprobs: str = "ans") -> dict[str, list
 
 def default_pipelines(k: int) -> dict[str, Pipeline]:
     return {col: Pipeline.from_config(cfg) for col, cfg in default_pipeline_configs(k).items()}
-
-
-def load_read_kernels() -> None:
-    """Load numba and the decoders of the default pipelines by decoding a block of zeros
-    through each: a DataLoader worker forked afterwards starts with them instead of paying
-    the load itself (a few tenths of a second of CPU per process)."""
-    for pipeline in default_pipelines(8).values():
-        raw = 64
-        size = raw
-        for codec in pipeline.codecs[:-1]:  # every default pipeline ends in zstd
-            size = codec.max_encoded_size(size)
-        pipeline.decode_bytes(pipeline.codecs[-1].encode(np.zeros(size, dtype=np.uint8)), raw)

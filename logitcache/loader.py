@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .codecs import load_read_kernels
 from .format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED, Record
 from .partition import rank_span, round_robin_state, worker_span
 from .reader import LogitCache, open_cache
@@ -583,22 +582,12 @@ class LogitCacheLoader(DataLoader):
         else:
             base, rotation = [0] * len(spans), 0
         self._base, self._rotation, self._batches, self._epoch = base, rotation, 0, epoch
-        if self.num_workers > 0 and self._forks_workers():
-            load_read_kernels()  # once here, inherited by every worker
         for batch in super().__iter__():
             self._batches += 1
             yield batch
         if dataset.epoch == epoch:
             dataset.set_epoch(epoch + 1)
         self._base, self._batches = None, 0
-
-    def _forks_workers(self) -> bool:
-        context = self.multiprocessing_context
-        if context is not None:
-            return context.get_start_method() == "fork"
-        # Not fixing the start method here: the first of get_all_start_methods is the default.
-        method = multiprocessing.get_start_method(allow_none=True)
-        return (method or multiprocessing.get_all_start_methods()[0]) == "fork"
 
     def state_dict(self) -> dict[str, Any]:
         dataset: LogitCacheDataset = self.dataset

@@ -1,4 +1,5 @@
-"""The fast decode paths of the read path give exactly what the generic kernels give, and a
+"""The read path's two sets of decoders, numpy (short reads) and numba (long ones), give
+exactly the same output; a process switches from one to the other after JIT_AFTER_BYTES; a
 block is hashed once per process."""
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from logitcache import CacheWriter, open_cache
+from logitcache import CacheWriter, codecs, open_cache
 from logitcache import _kernels as jit
+from logitcache import _numpy_kernels as npk
 from logitcache.codecs import ByteBitShuffle, CodecError, Fp16KeyDelta, Shuffle
 from logitcache.shard import ShardFile
 from logitcache.synthetic import synthetic_records
@@ -19,18 +21,31 @@ from logitcache.writer import DEFAULT_CHUNK_BYTES
 RNG = np.random.default_rng(15)
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def read_path(request, monkeypatch) -> str:
+    """Codecs decode with the numpy kernels, or with numba's."""
+    numba = codecs.kernels()  # encoders use it either way
+    chosen = None if request.param == "numpy" else numba
+    monkeypatch.setattr(codecs, "read_kernels", lambda nbytes: chosen)
+    return request.param
+
+
 @pytest.mark.parametrize("elementsize", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("n", [0, 1, 7, 1000])
-def test_byte_unshuffle_inverts_the_shuffle(elementsize, n):
+def test_byte_unshuffle_numpy_and_numba_agree(elementsize, n, read_path):
     src = RNG.integers(0, 256, n * elementsize, dtype=np.uint8)
+    want = np.empty_like(src)
+    jit.byte_unshuffle(src, elementsize, want)
+    assert np.array_equal(npk.byte_unshuffle(src, elementsize), want)
     codec = Shuffle(elementsize)
     assert np.array_equal(codec.decode(codec.encode(src), src.size), src)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 8, 9, 64, 1001])
 @pytest.mark.parametrize("high", [1 << 8, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 24, 1 << 32])
-def test_id_unshuffle_matches_the_generic_kernel(n, high):
-    # Up to 2**18 at most two bit planes are used (the fast path); above, the generic kernel.
+def test_id_unshuffle_matches_the_generic_kernel(n, high, read_path):
+    # numba: up to 2**18 at most two bit planes are used (its fast path), above the generic
+    # kernel; numpy: one function for all.
     values = RNG.integers(0, high, n, dtype=np.uint64).astype(np.uint32)
     values[::3] = RNG.integers(0, 256, values[::3].size)  # mostly small, some planes empty
     raw = values.view(np.uint8)
@@ -39,12 +54,15 @@ def test_id_unshuffle_matches_the_generic_kernel(n, high):
     want = np.zeros(raw.size, dtype=np.uint8)
     assert jit.byte_bit_unshuffle(encoded, 4, 2, want) == 0
     assert np.array_equal(want, raw)
+    got = np.full(raw.size, 0xAB, dtype=np.uint8)  # every byte must be written
+    assert npk.unshuffle_ids(encoded, got) == 0
+    assert np.array_equal(got, raw)
     assert np.array_equal(codec.decode(encoded, raw.size), raw)
 
 
 @pytest.mark.parametrize("planes", [(15,), (7,), (0,), (14, 15), (3, 12), (0, 1, 15)])
-def test_id_unshuffle_of_chosen_bit_planes(planes):
-    # Every combination of one or two used planes goes through the fast path, in any byte.
+def test_id_unshuffle_of_chosen_bit_planes(planes, read_path):
+    # Every combination of one or two used planes takes numba's fast path, in either byte.
     n = 203
     values = RNG.integers(0, 1 << 16, n, dtype=np.uint64).astype(np.uint32)
     for q in planes:
@@ -55,13 +73,14 @@ def test_id_unshuffle_of_chosen_bit_planes(planes):
 
 
 @pytest.mark.parametrize("plane", [0, 7, 15])
-@pytest.mark.parametrize("others", [0, 3])  # the fast path, and the generic kernel
-def test_id_unshuffle_refuses_a_set_padding_bit(plane, others):
+@pytest.mark.parametrize("others", [0, 3])  # numba's fast path, and its generic kernel
+def test_id_unshuffle_refuses_a_set_padding_bit(plane, others, read_path):
     n = 13  # 2 bytes per bit plane, 3 padding bits in the second
     values = np.arange(n, dtype=np.uint32)
     values[:others] |= np.uint32(0x10000) << np.arange(others, dtype=np.uint32)
     encoded = ByteBitShuffle(4, 2).encode(values.view(np.uint8))
     encoded[2 * n + plane * 2 + 1] |= 1
+    assert npk.unshuffle_ids(encoded, np.empty(4 * n, dtype=np.uint8)) == -1
     assert jit.byte_bit_unshuffle(encoded, 4, 2, np.zeros(4 * n, dtype=np.uint8)) == -1
     with pytest.raises(CodecError, match="padding bit"):
         ByteBitShuffle(4, 2).decode(encoded, 4 * n)
@@ -69,12 +88,17 @@ def test_id_unshuffle_refuses_a_set_padding_bit(plane, others):
 
 @pytest.mark.parametrize("row_length", [1, 3, 100])
 @pytest.mark.parametrize("n", [0, 1, 99, 100, 301, 5000])
-def test_fp16_key_delta_round_trips_any_bits(row_length, n):
+def test_fp16_key_delta_decoders_agree_for_any_bits(row_length, n, read_path):
     bits = RNG.integers(0, 1 << 16, n, dtype=np.uint32).astype(np.uint16)
     bits[: min(n, 6)] = [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7FFF, 0xFFFF][: min(n, 6)]
+    deltas = np.empty_like(bits)
+    jit.fp16_key_delta_encode(bits, row_length, deltas)
+    want = np.empty_like(bits)
+    jit.fp16_key_delta_decode(deltas, row_length, want)
+    assert np.array_equal(want, bits)
+    assert np.array_equal(npk.fp16_key_delta_decode(deltas, row_length), bits)
     codec = Fp16KeyDelta(row_length)
-    encoded = codec.encode(bits.view(np.uint8))
-    assert np.array_equal(codec.decode(encoded, encoded.size).view(np.uint16), bits)
+    assert np.array_equal(codec.decode(deltas.view(np.uint8), 2 * n).view(np.uint16), bits)
 
 
 def test_fp16_key_delta_decode_matches_its_definition():
@@ -91,9 +115,10 @@ def test_fp16_key_delta_decode_matches_its_definition():
     got = np.empty_like(gaps)
     jit.fp16_key_delta_decode(gaps, row_length, got)
     assert got.tolist() == want
+    assert npk.fp16_key_delta_decode(gaps, row_length).tolist() == want
 
 
-def test_all_fp16_bit_patterns_round_trip():
+def test_all_fp16_bit_patterns_round_trip(read_path):
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     codec = Fp16KeyDelta(128)
     encoded = codec.encode(bits.view(np.uint8))
@@ -109,17 +134,26 @@ def small_cache(tmp_path_factory) -> str:
     return url
 
 
-def test_opening_a_cache_does_not_load_numba(small_cache):
-    # Commands that read only manifests and footers (inspect's summary, ls) stay light.
+def _read_in_a_fresh_process(url: str, jit_after: int | None) -> list[str]:
     code = (
-        "import sys\n"
-        "from logitcache import open_cache\n"
-        f"cache = open_cache({small_cache!r})\n"
-        "assert len(cache) == 40 and cache.shard_file(0).records > 0\n"
-        "print('numba' in sys.modules)\n"
+        "import sys, hashlib\n"
+        "from logitcache import codecs, open_cache\n"
+        + (f"codecs.JIT_AFTER_BYTES = {jit_after}\n" if jit_after is not None else "")
+        + f"cache = open_cache({url!r})\n"
+        "h = hashlib.sha256()\n"
+        "for r in cache.iter_records():\n"
+        "    h.update(r.topk_ids.tobytes() + r.topk_logprobs.tobytes() + r.input_ids.tobytes())\n"
+        "print('numba' in sys.modules, h.hexdigest())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    return out.stdout.split()
+
+
+def test_short_reads_use_numpy_and_long_ones_switch_to_numba(small_cache):
+    loaded, digest = _read_in_a_fresh_process(small_cache, None)
+    assert loaded == "False"  # 40 records: far below JIT_AFTER_BYTES
+    switched, same = _read_in_a_fresh_process(small_cache, 20_000)  # switches part way
+    assert switched == "True" and same == digest
 
 
 def test_a_block_is_hashed_once_per_process_but_verify_hashes_all(small_cache, monkeypatch):
@@ -191,16 +225,3 @@ def test_default_chunks_close_after_256_kib_of_decoded_data(tmp_path):
     with open_cache(url) as cache:
         # 3 records pass 256 KiB (2 hold 241 KB): chunks of 3, 3, 3.
         assert cache.manifest.shards[0].chunk_records == [3, 3, 3]
-
-
-def test_load_read_kernels_compiles_the_default_decoders_in_advance():
-    # A forked DataLoader worker inherits these instead of loading numba itself.
-    code = (
-        "from logitcache.codecs import load_read_kernels\n"
-        "load_read_kernels()\n"
-        "from logitcache import _kernels as k\n"
-        "names = ['byte_unshuffle', 'unshuffle_ids', 'fp16_key_delta_decode']\n"
-        "print(all(getattr(k, n).signatures for n in names))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"

@@ -1,0 +1,83 @@
+"""Decode kernels of the default pipelines in numpy: a short read loads no JIT compiler.
+
+Loading numba and its compiled kernels costs a process about 0.3 s of CPU, most of the time
+to a first batch, paid again by every DataLoader worker. A process decodes with these until
+it has decoded codecs.JIT_AFTER_BYTES, then with numba's kernels, about twice as fast. Both
+give bit-identical output (tests/test_decode_kernels.py checks one against the other); the
+encoders and the less common decoders exist in _kernels.py only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def byte_unshuffle(src: np.ndarray, elementsize: int) -> np.ndarray:
+    """Inverse of `shuffle`: byte planes back to elements (uint8 in, uint8 out)."""
+    n = src.shape[0] // elementsize
+    if elementsize == 1:
+        return src.copy()
+    if elementsize == 2:
+        out = np.empty(n, dtype=np.uint16)
+        np.left_shift(src[n : 2 * n], 8, out=out, dtype=np.uint16)
+        out |= src[:n]
+        return out.view(np.uint8)
+    if elementsize == 4:
+        out = np.empty(n, dtype=np.uint32)
+        np.left_shift(src[3 * n :], 24, out=out, dtype=np.uint32)
+        out |= np.left_shift(src[2 * n : 3 * n], 16, dtype=np.uint32)
+        out |= np.left_shift(src[n : 2 * n], 8, dtype=np.uint32)
+        out |= src[:n]
+        return out.view(np.uint8)
+    out = np.empty(src.shape[0], dtype=np.uint8)
+    out.reshape(n, elementsize)[:] = src.reshape(elementsize, n).T
+    return out
+
+
+def unshuffle_ids(src: np.ndarray, out: np.ndarray) -> int:
+    """Inverse of byte_bit_shuffle(elementsize=4, byte_planes=2) into `out` (uint8, every
+    byte written); returns -1 if a padding bit is set, else 0.
+
+    The two byte planes combine in two vectorised passes. Bits above log2(vocab) are zero in
+    every id, so whole bit planes are zero: only planes holding a set bit are expanded.
+    """
+    n = out.shape[0] // 4
+    nb = (n + 7) // 8
+    words = out[: n * 4].view(np.uint32)
+    np.left_shift(src[n : 2 * n], 8, out=words, dtype=np.uint32)
+    words |= src[:n]
+    planes = src[2 * n :].reshape(16, nb)
+    for q in np.flatnonzero(planes.any(axis=1)).tolist():
+        plane = planes[q]
+        if n % 8 and plane[-1] & ((1 << (8 - n % 8)) - 1):
+            return -1  # the unused low bits of the last byte must be zero
+        words |= np.left_shift(np.unpackbits(plane, count=n), 31 - q, dtype=np.uint32)
+    return 0
+
+
+def fp16_key_delta_decode(deltas: np.ndarray, row_length: int) -> np.ndarray:
+    """Inverse of fp16_key_delta (uint16 gaps in, uint16 fp16 bits out).
+
+    A row's keys are its first key minus the running sum of its gaps: one flat int32 prefix
+    sum over all rows, less each earlier row's total, taken modulo 2**16 (int32 wraps modulo
+    2**32, a multiple). Then keys map back to bits without a branch: key ^ 0x8000 when its
+    top bit is set, else key ^ 0xFFFF.
+    """
+    n = deltas.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.uint16)
+    sums = np.negative(deltas, dtype=np.int32)
+    sums[::row_length] = deltas[::row_length]
+    np.cumsum(sums, out=sums)
+    full = n // row_length * row_length
+    rows = sums[:full].reshape(-1, row_length)
+    before = np.concatenate([[0], sums[row_length - 1 : n - 1 : row_length]])
+    rows -= before[: rows.shape[0], None]
+    if full < n:  # a trailing partial row
+        sums[full:] -= before[-1]
+    keys = sums.astype(np.uint16)
+    flip = keys.view(np.int16) >> 15  # -1 where the top bit is set, else 0
+    np.invert(flip, out=flip)
+    flip |= np.int16(-0x8000)
+    keys ^= flip.view(np.uint16)
+    return keys
