@@ -29,6 +29,7 @@ from logitcache.codecs import (
     codec_from_config,
     default_pipeline_configs,
     default_pipelines,
+    zstd_frame_length,
 )
 from logitcache.format import COLUMN_DTYPES
 from logitcache.synthetic import SyntheticTeacher
@@ -386,3 +387,54 @@ def test_empty_pipeline_stores_raw_bytes():
     np.testing.assert_array_equal(pipeline.decode(encoded, "<i4", 10), raw)
     with pytest.raises(CodecError, match="raw block"):
         pipeline.decode_bytes(encoded, 36)
+
+
+# -- zstd blocks that end where planes begin ---------------------------------------------
+
+
+def _zstd_blocks(frame: bytes) -> list[tuple[int, int]]:
+    """(block type, stored size) of each block of a frame (RFC 8878, 3.1.1.2)."""
+    pos = zstandard.frame_header_size(frame)
+    blocks = []
+    while True:
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        blocks.append((kind, size))
+        pos += 3 + (1 if kind == 1 else size)
+        if header & 1:
+            return blocks
+
+
+def test_zstd_block_ends_skip_planes_too_small_for_tables_of_their_own():
+    from logitcache.codecs import MIN_PLANE_BLOCK, zstd_block_ends
+
+    big = MIN_PLANE_BLOCK
+    assert zstd_block_ends([big, 2 * big], 4 * big) == [big, 2 * big]
+    assert zstd_block_ends([big - 1], 4 * big) == []  # the first plane is too short
+    assert zstd_block_ends([3 * big + 1], 4 * big) == []  # the last one is
+    assert zstd_block_ends([10, big + 10, 2 * big + 10], 4 * big) == [big + 10, 2 * big + 10]
+
+
+def test_the_random_low_bytes_of_ids_get_raw_blocks_of_their_own():
+    # Ids of a large vocabulary: the low-byte plane is close to random. Alone in its blocks
+    # it is stored raw (decoded at memory speed); the frame is still one ordinary frame.
+    ids, _ = SyntheticTeacher(128256, 100, seed=3).rows(400)
+    n = ids.size
+    pipeline = Pipeline.from_config(
+        [{"id": "byte_bit_shuffle", "elementsize": 4, "byte_planes": 2}, {"id": "zstd", "level": 1}]
+    )
+    frame = pipeline.encode(ids)
+    assert zstd_frame_length(frame) == len(frame)
+    assert zstandard.frame_content_size(frame) == ByteBitShuffle(4, 2).max_encoded_size(4 * n)
+    assert np.array_equal(pipeline.decode(frame, np.int32, n), ids.reshape(-1))
+    blocks = _zstd_blocks(frame)
+    raw = 0
+    for kind, size in blocks:
+        if kind != 0:
+            break
+        raw += size
+    assert raw == n, "the first plane's n bytes fill the first blocks, raw, and no more"
+    # The same bytes in one block stream, as before: larger, and Huffman-coded from the start.
+    shuffled = ByteBitShuffle(4, 2).encode(ids.reshape(-1).view(np.uint8))
+    plain = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(shuffled)
+    assert _zstd_blocks(plain)[0][0] == 2 and len(frame) < len(plain)
