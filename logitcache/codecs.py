@@ -49,6 +49,19 @@ def kernels():
     return _KERNELS
 
 
+# Bytes the default pipelines pass through those decoders per (id, logprob) pair: 4 through
+# the id unshuffle, 2 through the logprob unshuffle and 2 through the key-delta decoder.
+DECODED_BYTES_PER_PAIR = 8
+
+
+def expect_decoding(nbytes: int) -> None:
+    """Load numba now if a job about to pass `nbytes` through the decoders will cross
+    JIT_AFTER_BYTES: a scan known to be long pays the load up front and decodes all of itself
+    with the faster kernels, rather than most of itself with numpy first."""
+    if _KERNELS is None and _numpy_decoded + nbytes >= JIT_AFTER_BYTES:
+        kernels()
+
+
 def read_kernels(nbytes: int):
     """The numba kernels for decoding `nbytes` more, or None to decode them with numpy: numba
     once it is loaded (by a writer, say) or once this process has decoded JIT_AFTER_BYTES."""

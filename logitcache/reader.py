@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import xxhash
 
+from .codecs import DECODED_BYTES_PER_PAIR, expect_decoding
 from .format import MANIFEST_NAME, CacheError, CorruptCacheError, Record
 from .manifest import Manifest, read_manifest
 from .shard import DecodedChunk, ShardFile
@@ -98,6 +99,7 @@ class LogitCache:
     def iter_records(self, start: int = 0, stop: int | None = None) -> Iterator[Record]:
         """Records start..stop-1 in order, decoding each chunk once and prefetching shards."""
         stop = len(self) if stop is None else min(stop, len(self))
+        self.expect_reading(stop - start)
         index = start
         while index < stop:
             shard, chunk, offset = self.locate(index)
@@ -111,6 +113,13 @@ class LogitCache:
 
     def __iter__(self) -> Iterator[Record]:
         return self.iter_records()
+
+    def expect_reading(self, records: int) -> None:
+        """Tell the decoders that about `records` records (of average size) are to be read,
+        so that a long read loads the fast kernels at its start (codecs.expect_decoding)."""
+        m = self.manifest
+        if records > 0 and m.records:
+            expect_decoding(m.targets * records // m.records * m.k * DECODED_BYTES_PER_PAIR)
 
     # -- decoding ------------------------------------------------------------------------
     def shard_file(self, shard: int) -> ShardFile:
@@ -175,6 +184,7 @@ class LogitCache:
         `raise_errors`, raises CorruptCacheError listing them instead of returning.
         """
         problems: list[str] = []
+        self.expect_reading(len(self))
         shards = range(len(self.manifest.shards))
         if progress:
             from tqdm import tqdm

@@ -225,3 +225,20 @@ def test_default_chunks_close_after_256_kib_of_decoded_data(tmp_path):
     with open_cache(url) as cache:
         # 3 records pass 256 KiB (2 hold 241 KB): chunks of 3, 3, 3.
         assert cache.manifest.shards[0].chunk_records == [3, 3, 3]
+
+
+def test_a_scan_known_to_be_long_loads_numba_at_its_start(small_cache):
+    # iter_records knows how much it will decode: past JIT_AFTER_BYTES it loads numba before
+    # its first chunk instead of crossing the threshold near its end; a short one does not.
+    code = (
+        "import sys\n"
+        "from logitcache import codecs, open_cache\n"
+        "codecs.JIT_AFTER_BYTES = 50_000\n"
+        f"cache = open_cache({small_cache!r})\n"
+        "next(cache.iter_records(0, 2))\n"
+        "short = 'numba' in sys.modules\n"
+        "next(cache.iter_records())\n"
+        "print(short, 'numba' in sys.modules, codecs._numpy_decoded < 50_000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]
