@@ -1,8 +1,9 @@
 """logitcache against its peers as a KD data loader: size, random access, scans, DataLoader
 throughput, time to first batch and peak memory, every tool measured in the same run.
 
-Tools: logitcache (this checkout, default writer settings), logitcache@main (the code of the
-`main` branch reading a cache with its 2 MiB chunks: the "before" of this comparison),
+Tools: logitcache (this checkout, default writer settings), logitcache@main (the code of git
+ref --baseline, by default the `main` branch, reading a cache with 2 MiB chunks: the "before"
+of a comparison; the results record its commit),
 MosaicML streaming MDS raw and with zstd, HF datasets (Arrow on disk), Parquet (pyarrow, zstd,
 byte stream split, 64-record row groups) and Lance. The peers are installed by `make
 bench-deps` (benchmarks/constraints-bench.txt); `make test` does not need them.
@@ -129,21 +130,23 @@ def prepare(work: str, records: int, tools: list[str]) -> dict[str, str]:
     return paths
 
 
-def main_snapshot(work: str) -> str | None:
-    """The logitcache package of the `main` branch, extracted for logitcache@main."""
+def main_snapshot(work: str, ref: str) -> tuple[str, str] | None:
+    """The logitcache package at git `ref`, extracted for logitcache@main; (path, commit)."""
     out = os.path.join(work, "main-src")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
+    repo = ["git", "-C", os.path.dirname(HERE)]
     try:
+        commit = subprocess.run(
+            [*repo, "rev-parse", ref], capture_output=True, text=True, check=True
+        ).stdout.strip()
         archive = subprocess.run(
-            ["git", "-C", os.path.dirname(HERE), "archive", "main", "logitcache"],
-            capture_output=True,
-            check=True,
+            [*repo, "archive", commit, "logitcache"], capture_output=True, check=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return out
+    return out, commit
 
 
 MEASURES = [
@@ -280,12 +283,18 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="data directory, kept for later runs")
     ap.add_argument("--output", default="bench_loader")
     ap.add_argument("--prepare-only", action="store_true", help="write the data sets and stop")
+    ap.add_argument(
+        "--baseline",
+        default="main",
+        help="git ref whose logitcache code is measured as logitcache@main (2 MiB chunks)",
+    )
     args = ap.parse_args()
     tools = list(dict.fromkeys(["logitcache", *args.tools]))
     work = args.work or os.path.join("/tmp", f"bench-loader-{args.records}")
-    main_src = main_snapshot(work) if "logitcache@main" in tools else None
+    snapshot = main_snapshot(work, args.baseline) if "logitcache@main" in tools else None
+    main_src, baseline = snapshot or (None, None)
     if "logitcache@main" in tools and main_src is None:
-        print("no `main` branch to compare with: logitcache@main skipped")
+        print(f"no git ref {args.baseline!r} to compare with: logitcache@main skipped")
         tools.remove("logitcache@main")
     paths = prepare(work, args.records, tools)
     if args.prepare_only:
@@ -328,6 +337,7 @@ def main() -> None:
         {
             "records": n_records,
             "targets": targets,
+            "baseline": {"ref": args.baseline, "commit": baseline},
             "k": K,
             "vocab_size": VOCAB,
             "batch_size": args.batch_size,

@@ -965,6 +965,8 @@ class Pipeline:
                     f"with exact sizes, not after {[c.codec_id for c in self.codecs]}"
                 )
             exact = exact and codec.exact_encoded_size
+        # Four of the seven default columns are zstd alone: decoded without the size chain.
+        self._only = self.codecs[0] if len(self.codecs) == 1 else None
 
     @classmethod
     def from_config(cls, configs: Sequence[dict[str, Any]]) -> Pipeline:
@@ -991,6 +993,11 @@ class Pipeline:
     def decode_bytes(self, data, decoded_size: int) -> np.ndarray:
         """Decode to exactly `decoded_size` bytes, or raise CodecError."""
         buf = _as_u8(data)
+        if self._only is not None:
+            buf = self._only.decode(buf, decoded_size, True)
+            if buf.size != decoded_size:
+                raise CodecError(f"pipeline decoded {buf.size} bytes, expected {decoded_size}")
+            return buf
         if not self.codecs:
             if buf.size != decoded_size:
                 raise CodecError(f"raw block of {buf.size} bytes, expected {decoded_size}")

@@ -484,8 +484,9 @@ class ShardFile:
         return None
 
     def _column(self, index: int, name: str) -> np.ndarray:
-        offset, length, raw, _ = self.chunks.block(index, name)
-        if not self.chunks.verified[index, _COLUMN_INDEX[name]]:
+        column = _COLUMN_INDEX[name]
+        offset, length, raw = self.chunks.blocks[index, column].tolist()
+        if not self.chunks.verified[index, column]:
             problem = self.block_problem(index, name)
             if problem:
                 raise CorruptCacheError(problem)
@@ -494,9 +495,10 @@ class ShardFile:
             buf = self.pipelines[name].decode_bytes(data, raw)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
-        if buf.ctypes.data % 8:
+        dtype = COLUMN_DTYPES[name]
+        if dtype.itemsize > 1 and buf.ctypes.data % 8:
             buf = buf.copy()
-        return buf.view(COLUMN_DTYPES[name])
+        return buf.view(dtype)
 
     def decode_chunk(self, index: int) -> DecodedChunk:
         """Decode and check one chunk; every offset is validated before it is used."""
