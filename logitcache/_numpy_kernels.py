@@ -1,6 +1,6 @@
 """Decode kernels of the default pipelines in numpy: a short read loads no JIT compiler.
 
-Loading numba and its compiled kernels costs a process about 0.3 s of CPU, most of the time
+Loading numba and its compiled kernels costs a process about 0.25 s of CPU, most of the time
 to a first batch, paid again by every DataLoader worker. A process decodes with these until
 it has decoded codecs.JIT_AFTER_BYTES, then with numba's kernels, about twice as fast. Both
 give bit-identical output (tests/test_decode_kernels.py checks one against the other); the

@@ -30,10 +30,11 @@ _KERNELS = None
 
 # The read path decodes with numpy until a process has passed this many bytes through its
 # decoders, then loads numba, whose kernels take half the time. Loading numba costs a process
-# about 0.3 s of CPU: most of the time to a first batch or of a short evaluation. numpy spends
-# about 0.14 ns a byte more (K=100 rows: 8 bytes counted per id and logprob), so by 2 GiB it
-# has spent what loading costs: the switch at break-even never costs more than twice the best
-# choice made in hindsight. Output is bit-identical either way.
+# about 0.25 s of CPU: most of the time to a first batch or of a short evaluation. numpy spends
+# about 0.14 ns a byte more (8 bytes counted per id and logprob), so by about 1.7 GiB it has
+# spent what loading costs (benchmarks/bench_decoders.py measures both): switching near the
+# break-even never costs more than about twice the best choice made in hindsight. Output is
+# bit-identical either way.
 JIT_AFTER_BYTES = 2 << 30
 _numpy_decoded = 0
 
