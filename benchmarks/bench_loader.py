@@ -39,6 +39,7 @@ Method notes
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -97,6 +98,8 @@ def prepare(work: str, records: int, tools: list[str]) -> dict[str, str]:
     marker = os.path.join(work, "records.json")
     if _read_json(marker) != {"records": records}:
         shutil.rmtree(source, ignore_errors=True)
+        for done in glob.glob(os.path.join(work, "*.done")):
+            os.remove(done)  # every copy is made from this cache: made again from the new one
         t0 = time.perf_counter()
         with CacheWriter(source, k=K, vocab_size=VOCAB, overwrite=True) as w:
             for record in synthetic_benchmark_records(records):
