@@ -347,6 +347,18 @@ def byte_bit_unshuffle(src, elementsize, byte_planes, out):  # pragma: no cover 
     return 0
 
 
+@njit(**_JIT, inline="always")
+def _id_word(low, high, a, b, sa, sb, i, j):  # pragma: no cover - compiled
+    """Id i from its low and high bytes and bit j of its byte in each of two bit planes."""
+    bit = np.uint32(7 - j)
+    return (
+        np.uint32(low[i])
+        | (np.uint32(high[i]) << np.uint32(8))
+        | (((a >> bit) & np.uint32(1)) << sa)
+        | (((b >> bit) & np.uint32(1)) << sb)
+    )
+
+
 @njit(**_JIT)
 def unshuffle_ids(low, high, plane_a, shift_a, plane_b, shift_b, words):  # pragma: no cover
     """byte_bit_unshuffle(elementsize=4, byte_planes=2) when at most two bit planes hold a
@@ -363,25 +375,13 @@ def unshuffle_ids(low, high, plane_a, shift_a, plane_b, shift_b, words):  # prag
     for blk in range(full):
         a = np.uint32(plane_a[blk])
         b = np.uint32(plane_b[blk])
-        base = blk * 8
         for j in range(8):
-            i = base + j
-            words[i] = (
-                np.uint32(low[i])
-                | (np.uint32(high[i]) << np.uint32(8))
-                | (((a >> np.uint32(7 - j)) & np.uint32(1)) << sa)
-                | (((b >> np.uint32(7 - j)) & np.uint32(1)) << sb)
-            )
-    for i in range(full * 8, n):
-        j = i - full * 8
+            words[blk * 8 + j] = _id_word(low, high, a, b, sa, sb, blk * 8 + j, j)
+    if full * 8 < n:
         a = np.uint32(plane_a[full])
         b = np.uint32(plane_b[full])
-        words[i] = (
-            np.uint32(low[i])
-            | (np.uint32(high[i]) << np.uint32(8))
-            | (((a >> np.uint32(7 - j)) & np.uint32(1)) << sa)
-            | (((b >> np.uint32(7 - j)) & np.uint32(1)) << sb)
-        )
+        for j in range(n - full * 8):
+            words[full * 8 + j] = _id_word(low, high, a, b, sa, sb, full * 8 + j, j)
 
 
 # -- rANS entropy coding (spec/FORMAT.md section 6.8) ----------------------------------------
