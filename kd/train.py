@@ -553,8 +553,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: move(v) for k, v in batch.items()}
 
 
-def open_dataset(config: TrainConfig) -> LogitCacheDataset:
-    """The training cache, opened now so a missing or damaged cache fails before anything."""
+def open_dataset(
+    config: TrainConfig,
+    where: str | None = None,
+    shuffle_window_bytes: int = DEFAULT_SHUFFLE_WINDOW_BYTES,
+) -> LogitCacheDataset:
+    """A training cache, opened now so a missing or damaged cache fails before anything;
+    errors name it as `where` (by default `cache URL`)."""
+    where = where or f"cache {config.cache}"
     dataset = LogitCacheDataset(
         config.cache,
         storage_options=config.storage_options or None,
@@ -562,40 +568,8 @@ def open_dataset(config: TrainConfig) -> LogitCacheDataset:
         k=config.k or None,
         shuffle=config.shuffle,
         seed=config.seed,
+        shuffle_window_bytes=shuffle_window_bytes,
     )
-    try:
-        cache = dataset.cache
-    except CacheError as exc:
-        raise ValueError(f"cache {config.cache}: {exc}") from None
-    if len(cache) == 0:
-        raise ValueError(f"cache {config.cache}: holds no records")
-    if config.k and config.k > cache.manifest.k:
-        raise ValueError(f"k = {config.k}, but the cache holds the top {cache.manifest.k} only")
-    return dataset
-
-
-def open_source_dataset(stage: Stage, source: Source) -> LogitCacheDataset:
-    """The cache of one source of a stage, opened now so a missing cache fails before anything.
-
-    Sources of a mixture share the single-cache shuffle window's memory between them."""
-    if not stage.mixture:
-        try:
-            return open_dataset(source.config)
-        except ValueError as exc:
-            if not stage.name:
-                raise
-            raise ValueError(f"{stage.label} {exc}") from None
-    config = source.config
-    dataset = LogitCacheDataset(
-        config.cache,
-        storage_options=config.storage_options or None,
-        cache_dir=config.cache_dir or None,
-        k=config.k or None,
-        shuffle=config.shuffle,
-        seed=config.seed,
-        shuffle_window_bytes=DEFAULT_SHUFFLE_WINDOW_BYTES // len(stage.sources),
-    )
-    where = source_label(stage, source)
     try:
         cache = dataset.cache
     except CacheError as exc:
@@ -607,6 +581,14 @@ def open_source_dataset(stage: Stage, source: Source) -> LogitCacheDataset:
             f"{where}: k = {config.k}, but the cache holds the top {cache.manifest.k} only"
         )
     return dataset
+
+
+def open_source_dataset(stage: Stage, source: Source) -> LogitCacheDataset:
+    """The cache of one source of a stage, opened now so a missing cache fails before anything.
+
+    Sources of a mixture share the single-cache shuffle window's memory between them."""
+    window = DEFAULT_SHUFFLE_WINDOW_BYTES // (len(stage.sources) if stage.mixture else 1)
+    return open_dataset(source.config, source_label(stage, source), window)
 
 
 def source_label(stage: Stage, source: Source) -> str:

@@ -40,6 +40,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _add_layout_options(p) -> None:
+    """The sizes a writing command lays its output out in."""
+    p.add_argument(
+        "--chunk-bytes", type=_size, metavar="SIZE", help="target raw bytes per chunk (e.g. 2M)"
+    )
+    p.add_argument(
+        "--shard-bytes", type=_size, metavar="SIZE", help="target bytes per shard (e.g. 256M)"
+    )
+
+
 def json_object(text: str) -> dict:
     """A JSON object given inline or as @path/to/file.json."""
     source = text
@@ -242,12 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="codec pipelines per column as JSON or @file.json, e.g. "
         '\'{"topk_logprobs": [{"id": "zstd", "level": 9}]}\'',
     )
-    p.add_argument(
-        "--chunk-bytes", type=_size, metavar="SIZE", help="target raw bytes per chunk (e.g. 2M)"
-    )
-    p.add_argument(
-        "--shard-bytes", type=_size, metavar="SIZE", help="target bytes per shard (e.g. 256M)"
-    )
+    _add_layout_options(p)
     p.add_argument(
         "--logprob-dtype",
         choices=["float32", "float16"],
@@ -341,12 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codecs", type=json_object, metavar="JSON", help="codec pipelines per column (JSON)"
     )
-    p.add_argument(
-        "--chunk-bytes", type=_size, metavar="SIZE", help="target raw bytes per chunk (e.g. 2M)"
-    )
-    p.add_argument(
-        "--shard-bytes", type=_size, metavar="SIZE", help="target bytes per shard (e.g. 256M)"
-    )
+    _add_layout_options(p)
     p.add_argument(
         "--dst-storage-options",
         type=json_object,
