@@ -18,6 +18,7 @@ import numpy as np
 import xxhash
 
 from .codecs import CodecError, Pipeline
+from .directory import COLUMN_INDEX, COLUMN_ORDER, ChunkDirectory
 from .format import (
     BLOCK_ALIGN,
     COL_INPUT_IDS,
@@ -35,7 +36,6 @@ from .format import (
     MAX_BLOCK_RAW_BYTES,
     MAX_FOOTER_BYTES,
     MAX_SAMPLE_ID_BYTES,
-    OPTIONAL_COLUMNS,
     POSITIONS_ALL,
     REQUIRED_COLUMNS,
     SHARD_MAGIC,
@@ -47,7 +47,6 @@ from .sealed_json import strict_loads
 
 _HEADER = struct.Struct("<8sHHI")
 _TRAILER = struct.Struct("<QQ8s")
-COLUMN_ORDER = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 _FIX = "the file is corrupt: re-download it, or re-write the cache"
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
@@ -213,58 +212,6 @@ class DecodedChunk:
     sample_ids: list[str | None] | None
 
 
-_COLUMN_INDEX = {name: i for i, name in enumerate(COLUMN_ORDER)}
-
-
-class ChunkDirectory:
-    """A shard's chunk entries in numpy arrays: a few hundred bytes a chunk, where the parsed
-    JSON took kilobytes (a process reading a large cache keeps every open shard's directory).
-
-    `directory[i]` gives chunk i as the footer describes it: {"records", "tokens", "targets",
-    "blocks": {column: (offset, length, raw_length, checksum hex)}}.
-    """
-
-    def __init__(self, chunks: list[dict]):
-        n, width = len(chunks), len(COLUMN_ORDER)
-        self.counts = np.zeros((n, 3), dtype=np.int64)  # records, tokens, targets
-        self.blocks = np.full((n, width, 3), -1, dtype=np.int64)  # offset, length, raw
-        self.checksums = np.zeros((n, width), dtype=np.uint64)
-        # Blocks whose checksum matched, so a chunk decoded again (evicted from a reader's
-        # LRU, or read by random access) is hashed once per process. The map is read-only
-        # and writers never modify a published shard in place (they write new files), so
-        # bytes verified once stay verified.
-        self.verified = np.zeros((n, width), dtype=bool)
-        for i, chunk in enumerate(chunks):
-            self.counts[i] = (chunk["records"], chunk["tokens"], chunk["targets"])
-            for name, (offset, length, raw, checksum) in chunk["blocks"].items():
-                column = _COLUMN_INDEX[name]
-                self.blocks[i, column] = (offset, length, raw)
-                self.checksums[i, column] = int(checksum, 16)
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"chunk {index} out of range ({len(self)} chunks)")
-        records, tokens, targets = self.counts[index].tolist()
-        blocks = {}
-        for name, column in _COLUMN_INDEX.items():
-            offset, length, raw = self.blocks[index, column].tolist()
-            if offset >= 0:
-                blocks[name] = (offset, length, raw, f"{int(self.checksums[index, column]):016x}")
-        return {"records": records, "tokens": tokens, "targets": targets, "blocks": blocks}
-
-    def block(self, index: int, name: str) -> tuple[int, int, int, int]:
-        """(offset, length, raw_length, checksum as an integer) of a column's block."""
-        column = _COLUMN_INDEX[name]
-        offset, length, raw = self.blocks[index, column].tolist()
-        return offset, length, raw, int(self.checksums[index, column])
-
-    def has(self, index: int, name: str) -> bool:
-        return bool(self.blocks[index, _COLUMN_INDEX[name], 0] >= 0)
-
-
 class ShardFile:
     """A memory-mapped shard whose footer has been checked against its manifest entry."""
 
@@ -388,17 +335,31 @@ class ShardFile:
         chunks = footer.get("chunks")
         if not isinstance(chunks, list):
             self._fail("footer 'chunks' must be a list")
-        parsed = [self._parse_chunk(i, c) for i, c in enumerate(chunks)]
-        totals = {key: sum(c[key] for c in parsed) for key in ("records", "tokens", "targets")}
+        directory = ChunkDirectory.from_entries(
+            chunks,
+            k=self.k,
+            positions=self.positions,
+            footer_start=self.footer_start,
+            expansion={name: p.max_expansion() for name, p in self.pipelines.items()},
+        )
+        if directory is None:  # some entry is malformed: find it and say what is wrong
+            directory = ChunkDirectory.from_parsed(
+                [self._parse_chunk(i, c) for i, c in enumerate(chunks)]
+            )
+        totals = dict(
+            zip(
+                ("records", "tokens", "targets"), directory.counts.sum(axis=0).tolist(), strict=True
+            )
+        )
         for key, total in totals.items():
             if footer.get(key) != total:
                 self._fail(f"footer {key} {footer.get(key)!r} != sum over chunks {total}")
             if entry is not None and getattr(entry, key) != total:
                 self._fail(f"{key} {total} != manifest {getattr(entry, key)}")
-        if entry is not None and [c["records"] for c in parsed] != entry.chunk_records:
+        if entry is not None and directory.counts[:, 0].tolist() != entry.chunk_records:
             self._fail("chunk record counts differ from the manifest's chunk_records")
         self.records = totals["records"]
-        self.chunks = ChunkDirectory(parsed)
+        self.chunks = directory
         self.chunk_starts = np.concatenate([[0], np.cumsum(self.chunks.counts[:, 0])])
 
     def _parse_chunk(self, index: int, chunk) -> dict:
@@ -480,11 +441,11 @@ class ShardFile:
                 f"shard {self.name} chunk {index} column {name}: checksum mismatch "
                 f"(expected {checksum:016x}, got {got:016x}): {_FIX}"
             )
-        self.chunks.verified[index, _COLUMN_INDEX[name]] = True
+        self.chunks.verified[index, COLUMN_INDEX[name]] = True
         return None
 
     def _column(self, index: int, name: str) -> np.ndarray:
-        column = _COLUMN_INDEX[name]
+        column = COLUMN_INDEX[name]
         offset, length, raw = self.chunks.blocks[index, column].tolist()
         if not self.chunks.verified[index, column]:
             problem = self.block_problem(index, name)

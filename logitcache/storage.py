@@ -611,13 +611,15 @@ def _url_key(url: str) -> str:
 
 
 def open_store(
-    url: str,
+    url: str | os.PathLike,
     storage_options: dict | None = None,
     *,
     cache_dir: str | None = None,
     cache_limit_bytes: int | None = None,
 ):
-    """Open the store behind a cache URL: a local path, a file:// URL or any fsspec URL."""
+    """Open the store behind a cache URL: a local path (str or os.PathLike), a file:// URL
+    or any fsspec URL."""
+    url = os.fspath(url)
     if _is_local_url(url):
         return LocalStore(url)
     return RemoteStore(

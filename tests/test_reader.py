@@ -243,3 +243,9 @@ def test_verify_names_every_damaged_shard_and_chunk(small_cache):
         with pytest.raises(CorruptCacheError, match="3 problem") as info:
             cache.verify()
         assert shards[2].path in str(info.value)
+
+
+def test_open_cache_takes_a_path_object(shared_small_cache):
+    with open_cache(shared_small_cache.path) as cache:
+        assert len(cache) == len(shared_small_cache.records)
+        assert cache[3].input_ids.tolist() == list(shared_small_cache.records[3]["input_ids"])
