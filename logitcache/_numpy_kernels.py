@@ -58,24 +58,19 @@ def unshuffle_ids(src: np.ndarray, out: np.ndarray) -> int:
 def fp16_key_delta_decode(deltas: np.ndarray, row_length: int) -> np.ndarray:
     """Inverse of fp16_key_delta (uint16 gaps in, uint16 fp16 bits out).
 
-    A row's keys are its first key minus the running sum of its gaps: one flat int32 prefix
-    sum over all rows, less each earlier row's total, taken modulo 2**16 (int32 wraps modulo
-    2**32, a multiple). Then keys map back to bits without a branch: key ^ 0x8000 when its
-    top bit is set, else key ^ 0xFFFF.
+    A row's keys are its first key minus the running sum of its gaps, modulo 2**16: the
+    gaps are negated in uint16, each row's first value put back, and every row summed in
+    uint16, whose wrap-around is that modulo. Then keys map back to bits without a branch:
+    key ^ 0x8000 when its top bit is set, else key ^ 0xFFFF.
     """
     n = deltas.shape[0]
-    if n == 0:
-        return np.empty(0, dtype=np.uint16)
-    sums = np.negative(deltas, dtype=np.int32)
-    sums[::row_length] = deltas[::row_length]
-    np.cumsum(sums, out=sums)
+    keys = np.subtract(0, deltas, dtype=np.uint16)
+    keys[::row_length] = deltas[::row_length]
     full = n // row_length * row_length
-    rows = sums[:full].reshape(-1, row_length)
-    before = np.concatenate([[0], sums[row_length - 1 : n - 1 : row_length]])
-    rows -= before[: rows.shape[0], None]
+    rows = keys[:full].reshape(-1, row_length)
+    np.cumsum(rows, axis=1, dtype=np.uint16, out=rows)
     if full < n:  # a trailing partial row
-        sums[full:] -= before[-1]
-    keys = sums.astype(np.uint16)
+        np.cumsum(keys[full:], dtype=np.uint16, out=keys[full:])
     flip = keys.view(np.int16) >> 15  # -1 where the top bit is set, else 0
     np.invert(flip, out=flip)
     flip |= np.int16(-0x8000)
