@@ -125,6 +125,25 @@ class Codec:
         """Upper bound of the encoded size, used to bound the stage before it on decode."""
         return decoded_size
 
+    # Decoding a byte range of the output without the rest (Pipeline.stage). A "local" codec
+    # decodes output bytes [a, b) from input bytes [a, b) alone, for a and b multiples of
+    # range_unit(); a "gather" codec implements gather() and check_whole().
+    range_kind: ClassVar[str | None] = None
+
+    def range_unit(self) -> int:
+        return 1
+
+    def gather(
+        self, buf: np.ndarray, decoded_size: int, start: int, stop: int
+    ) -> tuple[np.ndarray, int, int]:
+        """(sub, sub_size, skip): a small encoding whose decode(sub, sub_size) holds output
+        bytes [start, stop) after its first `skip` bytes. `buf` passed check_whole()."""
+        raise NotImplementedError
+
+    def check_whole(self, buf: np.ndarray, decoded_size: int) -> None:
+        """The checks decode() makes of the whole input, for a block decoded by ranges."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.get_config()})"
 
@@ -257,6 +276,17 @@ class Shuffle(Codec):
         n = size // self.elementsize
         return [b * n for b in range(1, self.elementsize)]
 
+    range_kind = "gather"
+
+    def check_whole(self, buf: np.ndarray, decoded_size: int) -> None:
+        self._check_size(buf.size, decoded_size, True)
+        self._check(buf.size)
+
+    def gather(self, buf, decoded_size, start, stop):
+        es = self.elementsize
+        planes = buf.reshape(es, decoded_size // es)[:, start // es : stop // es]
+        return np.ascontiguousarray(planes).reshape(-1), stop - start, 0
+
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         self._check_size(buf.size, decoded_size, exact)
         self._check(buf.size)
@@ -281,6 +311,7 @@ class ByteBitShuffle(Codec):
     def __init__(self, elementsize: int, byte_planes: int):
         self.elementsize = elementsize
         self.byte_planes = byte_planes
+        self._bit_planes = 8 * (elementsize - byte_planes)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -312,7 +343,30 @@ class ByteBitShuffle(Codec):
         kernels().byte_bit_shuffle(buf, self.elementsize, self.byte_planes, out)
         return out
 
-    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+    range_kind = "gather"
+
+    def check_whole(self, buf: np.ndarray, decoded_size: int) -> None:
+        self._check_encoded_size(buf, decoded_size, True)
+        n = decoded_size // self.elementsize
+        bits = buf[self.byte_planes * n :].reshape(self._bit_planes, (n + 7) // 8)
+        if n % 8 and bits.size and (bits[:, -1] & ((1 << (8 - n % 8)) - 1)).any():
+            raise CodecError("byte_bit_shuffle: a padding bit is set")
+
+    def gather(self, buf, decoded_size, start, stop):
+        # Bit planes pack 8 elements a byte: start from a multiple of 8, clear the bits of
+        # elements past `stop` (they are padding in the smaller encoding).
+        es, n = self.elementsize, decoded_size // self.elementsize
+        first, end = start // es // 8 * 8, stop // es
+        m = end - first
+        byte_planes = buf[: self.byte_planes * n].reshape(self.byte_planes, n)[:, first:end]
+        bits = buf[self.byte_planes * n :].reshape(self._bit_planes, (n + 7) // 8)
+        bits = bits[:, first // 8 : first // 8 + (m + 7) // 8].copy()
+        if m % 8 and bits.size:
+            bits[:, -1] &= np.uint8(0xFF ^ ((1 << (8 - m % 8)) - 1))
+        sub = np.concatenate([byte_planes.reshape(-1), bits.reshape(-1)])
+        return sub, m * es, start - first * es
+
+    def _check_encoded_size(self, buf: np.ndarray, decoded_size: int, exact: bool) -> None:
         if not exact or decoded_size % self.elementsize:
             raise CodecError(
                 "byte_bit_shuffle: the decoded size must be known exactly (use it "
@@ -323,6 +377,9 @@ class ByteBitShuffle(Codec):
                 f"byte_bit_shuffle: {buf.size} bytes, expected "
                 f"{self.max_encoded_size(decoded_size)}"
             )
+
+    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+        self._check_encoded_size(buf, decoded_size, exact)
         if (self.elementsize, self.byte_planes) == (4, 2):  # token ids
             jit = read_kernels(decoded_size)
             if jit is None:
@@ -368,9 +425,13 @@ class Fp16KeyDelta(Codec):
     """
 
     codec_id = "fp16_key_delta"
+    range_kind = "local"  # each row decodes from its own gaps
 
     def __init__(self, row_length: int):
         self.row_length = row_length
+
+    def range_unit(self) -> int:
+        return 2 * self.row_length
 
     def get_config(self) -> dict[str, Any]:
         return {"id": self.codec_id, "row_length": self.row_length}
@@ -968,6 +1029,13 @@ class Pipeline:
             exact = exact and codec.exact_encoded_size
         # Four of the seven default columns are zstd alone: decoded without the size chain.
         self._only = self.codecs[0] if len(self.codecs) == 1 else None
+        # Range decoding (stage): "local" codecs first, then one "gather" codec.
+        self._range_plan = None
+        for i, codec in enumerate(self.codecs):
+            if codec.range_kind == "gather":
+                self._range_plan = (self.codecs[:i], codec, Pipeline(self.codecs[i + 1 :]))
+            if codec.range_kind != "local":
+                break
 
     @classmethod
     def from_config(cls, configs: Sequence[dict[str, Any]]) -> Pipeline:
@@ -1017,6 +1085,20 @@ class Pipeline:
             raise CodecError(f"pipeline decoded {buf.size} bytes, expected {decoded_size}")
         return buf
 
+    def stage(self, data, decoded_size: int, unit: int) -> StagedBlock | None:
+        """Undo the stages that need the whole block (zstd) and check what the rest would
+        check of it, so that StagedBlock.decode_range(a, b) decodes bytes [a, b) alone, for
+        a and b multiples of `unit`: a random read of one record decodes its rows, not its
+        chunk's. None when this pipeline cannot decode by ranges of `unit` bytes."""
+        if self._range_plan is None:
+            return None
+        local, gather, before = self._range_plan
+        if any(unit % codec.range_unit() for codec in local):
+            return None
+        buf = before.decode_bytes(data, gather.max_encoded_size(decoded_size))
+        gather.check_whole(buf, decoded_size)
+        return StagedBlock(buf, decoded_size, gather, local)
+
     def max_expansion(self) -> int:
         """Upper bound of decoded size / stored size over the whole pipeline."""
         bound = 1
@@ -1031,6 +1113,22 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.get_config()})"
+
+
+class StagedBlock:
+    """A block whose whole-block stages are undone (Pipeline.stage): decodes byte ranges."""
+
+    def __init__(self, buf: np.ndarray, decoded_size: int, gather: Codec, local: list[Codec]):
+        self.buf, self.decoded_size = buf, decoded_size
+        self._gather, self._local = gather, local
+
+    def decode_range(self, start: int, stop: int) -> np.ndarray:
+        """Decoded bytes [start, stop): the same as decoding the block and slicing it."""
+        sub, size, skip = self._gather.gather(self.buf, self.decoded_size, start, stop)
+        out = self._gather.decode(sub, size, True)[skip : skip + stop - start]
+        for codec in reversed(self._local):
+            out = codec.decode(out, stop - start, True)
+        return out
 
 
 def default_pipeline_configs(k: int) -> dict[str, list[dict[str, Any]]]:

@@ -90,7 +90,7 @@ class LogitCache:
 
     def __getitem__(self, index: int) -> Record:
         shard, chunk, offset = self.locate(index)
-        return self._record(self._decoded(shard, chunk), offset)
+        return self._record(self._decoded(shard, chunk, rows_on_demand=True), offset)
 
     def read_chunk(self, shard: int, chunk: int) -> list[Record]:
         decoded = self._decoded(shard, chunk)
@@ -140,14 +140,16 @@ class LogitCache:
                 )
             return opened
 
-    def _decoded(self, shard: int, chunk: int) -> DecodedChunk:
+    def _decoded(self, shard: int, chunk: int, rows_on_demand: bool = False) -> DecodedChunk:
+        """The chunk from the LRU, or decoded (with `rows_on_demand`, its teacher rows are
+        decoded a record at a time: a random read pays for its record, not its chunk)."""
         key = (shard, chunk)
         with self._lock:
             decoded = self._chunks.get(key)
             if decoded is not None:
                 self._chunks.move_to_end(key)
                 return decoded
-        decoded = self.shard_file(shard).decode_chunk(chunk)
+        decoded = self.shard_file(shard).decode_chunk(chunk, rows_on_demand=rows_on_demand)
         with self._lock:
             self._chunks[key] = decoded
             while len(self._chunks) > self._chunk_cache_size:
@@ -157,8 +159,7 @@ class LogitCache:
     def _record(self, chunk: DecodedChunk, i: int) -> Record:
         t0, t1 = chunk.token_starts[i], chunk.token_starts[i + 1]
         n0, n1 = chunk.target_starts[i], chunk.target_starts[i + 1]
-        topk_ids = chunk.topk_ids[n0:n1]
-        topk_logprobs = chunk.topk_logprobs[n0:n1]
+        topk_ids, topk_logprobs = chunk.rows(n0, n1)
         if self.k != self.manifest.k:
             # Rows are in canonical order, so the top k' are the first k' columns.
             topk_ids = np.ascontiguousarray(topk_ids[:, : self.k])

@@ -12,12 +12,13 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
-from .codecs import CodecError, Pipeline
+from .codecs import CodecError, Pipeline, StagedBlock
 from .directory import COLUMN_INDEX, COLUMN_ORDER, ChunkDirectory
 from .format import (
     BLOCK_ALIGN,
@@ -201,15 +202,26 @@ class ShardBuilder:
 
 @dataclass
 class DecodedChunk:
-    """The columns of one chunk plus the offsets that cut them into records."""
+    """The columns of one chunk plus the offsets that cut them into records.
+
+    The teacher columns are decoded whole, or, for a chunk decoded for one record, left
+    staged (zstd undone) and decoded a record's rows at a time by `rows`.
+    """
 
     token_starts: np.ndarray  # int64 [R + 1]
     target_starts: np.ndarray  # int64 [R + 1]
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    topk_ids: np.ndarray  # [n, K]
-    topk_logprobs: np.ndarray  # [n, K]
+    topk_ids: np.ndarray | StagedBlock  # [n, K] int32 when decoded
+    topk_logprobs: np.ndarray | StagedBlock  # [n, K] float16 when decoded
     sample_ids: list[str | None] | None
+    rows: Callable[[int, int], tuple[np.ndarray, np.ndarray]]  # (topk_ids, logprobs) of rows
+
+
+def _aligned_view(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.itemsize > 1 and buf.ctypes.data % 8:
+        buf = buf.copy()
+    return buf.view(dtype)
 
 
 class ShardFile:
@@ -444,27 +456,69 @@ class ShardFile:
         self.chunks.verified[index, COLUMN_INDEX[name]] = True
         return None
 
-    def _column(self, index: int, name: str) -> np.ndarray:
+    def _block(self, index: int, name: str) -> tuple[np.ndarray, int]:
+        """(stored bytes, raw length) of a column's block, its checksum verified."""
         column = COLUMN_INDEX[name]
         offset, length, raw = self.chunks.blocks[index, column].tolist()
         if not self.chunks.verified[index, column]:
             problem = self.block_problem(index, name)
             if problem:
                 raise CorruptCacheError(problem)
-        data = self.buf[offset : offset + length]
+        return self.buf[offset : offset + length], raw
+
+    def _column(self, index: int, name: str) -> np.ndarray:
+        data, raw = self._block(index, name)
         try:
             buf = self.pipelines[name].decode_bytes(data, raw)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
-        dtype = COLUMN_DTYPES[name]
-        if dtype.itemsize > 1 and buf.ctypes.data % 8:
-            buf = buf.copy()
-        return buf.view(dtype)
+        return _aligned_view(buf, COLUMN_DTYPES[name])
 
-    def decode_chunk(self, index: int) -> DecodedChunk:
-        """Decode and check one chunk; every offset is validated before it is used."""
+    def _teacher_column(self, index: int, name: str, n: int, staged: bool):
+        """A teacher column as [n, K] (ids checked against the vocabulary), or with
+        `staged` and a pipeline that decodes by rows, a StagedBlock of it."""
+        dtype = COLUMN_DTYPES[name]
+        if staged:
+            data, raw = self._block(index, name)
+            try:
+                block = self.pipelines[name].stage(data, raw, self.k * dtype.itemsize)
+            except CodecError as exc:
+                self._fail(f"column {name}: {exc}", index)
+            if block is not None:
+                return block
+        values = self._column(index, name).reshape(n, self.k)
+        if name == COL_TOPK_IDS:
+            self._check_ids(index, name, values)
+        return values
+
+    def _check_ids(self, index: int, name: str, ids: np.ndarray) -> None:
+        # An id outside the vocabulary would index out of bounds in any consumer. As
+        # uint32 a negative id is above any vocabulary: one pass checks both ends.
+        if ids.size and ids.view(np.uint32).max() >= self.vocab_size:
+            self._fail(f"{name} holds ids outside [0, vocab_size={self.vocab_size})", index)
+
+    def _rows(self, index: int, name: str, source, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 of a teacher column from _teacher_column, read-only."""
+        if isinstance(source, np.ndarray):
+            return source[lo:hi]
+        width = self.k * COLUMN_DTYPES[name].itemsize
+        try:
+            buf = source.decode_range(lo * width, hi * width)
+        except CodecError as exc:
+            self._fail(f"column {name}: {exc}", index)
+        values = _aligned_view(buf, COLUMN_DTYPES[name]).reshape(hi - lo, self.k)
+        if name == COL_TOPK_IDS:
+            self._check_ids(index, name, values)
+        values.flags.writeable = False
+        return values
+
+    def decode_chunk(self, index: int, rows_on_demand: bool = False) -> DecodedChunk:
+        """Decode and check one chunk; every offset is validated before it is used.
+
+        With `rows_on_demand` the teacher columns are decoded a record's rows at a time by
+        the result's `rows` (a random read decodes one record's rows, not all of them).
+        """
         r, t, n = self.chunks.counts[index].tolist()
-        k = self.k
         lengths = self._column(index, COL_RECORD_LENGTHS)
         if lengths.min() < 1 or int(lengths.sum(dtype=np.int64)) != t:
             self._fail("record lengths do not add up to the chunk's tokens", index)
@@ -485,20 +539,31 @@ class ShardFile:
         if target_starts[-1] != n:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
         input_ids = self._column(index, COL_INPUT_IDS)
-        topk_logprobs = self._column(index, COL_TOPK_LOGPROBS).reshape(n, k)
-        topk_ids = self._column(index, COL_TOPK_IDS).reshape(n, k)
-        for name, ids in ((COL_INPUT_IDS, input_ids), (COL_TOPK_IDS, topk_ids)):
-            # An id outside the vocabulary would index out of bounds in any consumer. As
-            # uint32 a negative id is above any vocabulary: one pass checks both ends.
-            if ids.size and ids.view(np.uint32).max() >= self.vocab_size:
-                self._fail(f"{name} holds ids outside [0, vocab_size={self.vocab_size})", index)
+        self._check_ids(index, COL_INPUT_IDS, input_ids)
+        topk_logprobs = self._teacher_column(index, COL_TOPK_LOGPROBS, n, rows_on_demand)
+        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, rows_on_demand)
         sample_ids = None
         if self.chunks.has(index, COL_SAMPLE_ID_LENGTHS):
             sample_ids = self._sample_ids(index, r)
         for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
-            array.flags.writeable = False
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
+
+        def rows(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+            return (
+                self._rows(index, COL_TOPK_IDS, topk_ids, lo, hi),
+                self._rows(index, COL_TOPK_LOGPROBS, topk_logprobs, lo, hi),
+            )
+
         return DecodedChunk(
-            token_starts, target_starts, input_ids, loss_mask, topk_ids, topk_logprobs, sample_ids
+            token_starts,
+            target_starts,
+            input_ids,
+            loss_mask,
+            topk_ids,
+            topk_logprobs,
+            sample_ids,
+            rows,
         )
 
     def _sample_ids(self, index: int, r: int) -> list[str | None]:
