@@ -1029,6 +1029,9 @@ class Pipeline:
             exact = exact and codec.exact_encoded_size
         # Four of the seven default columns are zstd alone: decoded without the size chain.
         self._only = self.codecs[0] if len(self.codecs) == 1 else None
+        # unpack/finish: a zstd stage undone first, then the rest (the inner pipeline).
+        self._zstd_outer = bool(self.codecs) and isinstance(self.codecs[-1], Zstd)
+        self._inner = Pipeline(self.codecs[:-1]) if self._zstd_outer else self
         # Range decoding (stage): "local" codecs first, then one "gather" codec.
         self._range_plan = None
         for i, codec in enumerate(self.codecs):
@@ -1071,12 +1074,7 @@ class Pipeline:
             if buf.size != decoded_size:
                 raise CodecError(f"raw block of {buf.size} bytes, expected {decoded_size}")
             return buf
-        # The input size of each stage, from the raw end: exact while every codec before it
-        # has an exact encoded size, an upper bound after the first one that does not.
-        sizes, exact = [decoded_size], [True]
-        for codec in self.codecs[:-1]:
-            sizes.append(codec.max_encoded_size(sizes[-1]))
-            exact.append(exact[-1] and codec.exact_encoded_size)
+        sizes, exact = self._stage_sizes(decoded_size)
         for codec, size, is_exact in zip(
             reversed(self.codecs), reversed(sizes), reversed(exact), strict=True
         ):
@@ -1084,6 +1082,30 @@ class Pipeline:
         if buf.size != decoded_size:
             raise CodecError(f"pipeline decoded {buf.size} bytes, expected {decoded_size}")
         return buf
+
+    def _stage_sizes(self, decoded_size: int) -> tuple[list[int], list[bool]]:
+        """The output size of each codec's decode, from the raw end: exact while every codec
+        before it has an exact encoded size, an upper bound after the first one that does not."""
+        sizes, exact = [decoded_size], [True]
+        for codec in self.codecs[:-1]:
+            sizes.append(codec.max_encoded_size(sizes[-1]))
+            exact.append(exact[-1] and codec.exact_encoded_size)
+        return sizes, exact
+
+    def unpack(self, data, decoded_size: int) -> np.ndarray:
+        """Undo the first decode stage when it is zstd, and only that: `finish` does the rest,
+        and finish(unpack(data, n), n) equals decode_bytes(data, n). zstd runs in C without
+        the GIL, so a scan unpacks the chunks ahead on a second thread while this one
+        finishes the chunk in hand (reader.ReadAhead)."""
+        buf = _as_u8(data)
+        if not self._zstd_outer:
+            return buf
+        sizes, exact = self._stage_sizes(decoded_size)
+        return self.codecs[-1].decode(buf, sizes[-1], exact[-1])
+
+    def finish(self, buf: np.ndarray, decoded_size: int) -> np.ndarray:
+        """Decode what `unpack` left to exactly `decoded_size` bytes, or raise CodecError."""
+        return self._inner.decode_bytes(buf, decoded_size)
 
     def stage(self, data, decoded_size: int, unit: int) -> StagedBlock | None:
         """Undo the stages that need the whole block (zstd) and check what the rest would

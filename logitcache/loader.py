@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from .format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED, Record
 from .partition import rank_span, round_robin_state, worker_span
+from .readahead import ReadAhead, default_depth
 from .reader import LogitCache, open_cache
 from .shuffle import ChunkTable, EpochSequence, chunk_order, window_permutation
 
@@ -136,6 +137,11 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
     Resuming: `state_dict()` after iterating in this process, or LogitCacheLoader.state_dict()
     with DataLoader workers, holds the epoch and how many samples each worker had handed out;
     `load_state_dict()` continues exactly there without reading what was consumed.
+
+    Read-ahead: each process checksums and unzips the next `read_ahead` chunks it will decode
+    on a background thread (logitcache.readahead). By default it does so when the machine
+    has a core beyond the processes decoding (0 DataLoader workers on two cores, say); 0
+    turns it off. Order, records and resume points are the same either way.
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         prefetch_shards: int = 2,
+        read_ahead: int | None = None,
     ):
         if shuffle_window is not None and shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
@@ -168,6 +175,9 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         rank_span(0, self.rank, self.world_size, uneven)  # validates early
         self.prefetch_shards = int(prefetch_shards)
+        if read_ahead is not None and read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0 chunks, got {read_ahead}")
+        self.read_ahead = read_ahead
         self.epoch = 0
         self._resume: dict[str, Any] | None = None
         self._yielded = 0  # samples handed out in this process during this epoch (no workers)
@@ -241,6 +251,13 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
             chunk_ids, offsets = chunk_ids[perm], offsets[perm]
             yield seq.table.start[chunk_ids] + offsets, (chunk_ids, offsets, lo, hi, stop)
 
+    def _decode_order(self, windows) -> Iterator[int]:
+        """The chunk ids that __iter__ decodes, in order: each window's chunks by first need
+        (a chunk that straddles two windows is decoded in each)."""
+        for _, (chunk_ids, *_) in windows:
+            _, first = np.unique(chunk_ids, return_index=True)
+            yield from chunk_ids[np.sort(first)].tolist()
+
     # -- iteration ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[Record]:
         info = get_worker_info()
@@ -252,31 +269,44 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         cache = self.cache
         seq = self._sequence(epoch)
         table = seq.table
+        depth = self.read_ahead
+        if depth is None:
+            depth = default_depth(busy_processes=max(1, num_workers))
+        ahead = ReadAhead(
+            lambda c: cache.unpack_chunk(int(table.shard[c]), int(table.chunk[c])),
+            self._decode_order(self._windows(seq, epoch, num_workers, worker, skip)),
+            depth,
+        )
         held: set[int] = set()
-        for _, (chunk_ids, offsets, _lo, hi, stop) in self._windows(
-            seq, epoch, num_workers, worker, skip
-        ):
-            self._prefetch(seq, hi, stop)
-            chunks, left = np.unique(chunk_ids, return_counts=True)
-            now = set(table.shard[chunks].tolist())
-            self._release(held - now)
-            held = now
-            # Each chunk is decoded once, when the window first needs one of its records, and
-            # let go after its last one: memory holds the chunks in progress, not the window.
-            remaining = dict(zip(chunks.tolist(), left.tolist(), strict=True))
-            decoded: dict[int, list[Record]] = {}
-            for c, o in zip(chunk_ids.tolist(), offsets.tolist(), strict=True):
-                records = decoded.get(c)
-                if records is None:
-                    records = cache.read_chunk(int(table.shard[c]), int(table.chunk[c]))
-                    decoded[c] = records
-                remaining[c] -= 1
-                if not remaining[c]:
-                    del decoded[c]
-                if info is None:
-                    self._yielded += 1
-                yield records[o]
-                del records
+        with ahead:
+            for _, (chunk_ids, offsets, _lo, hi, stop) in self._windows(
+                seq, epoch, num_workers, worker, skip
+            ):
+                self._prefetch(seq, hi, stop)
+                chunks, left = np.unique(chunk_ids, return_counts=True)
+                now = set(table.shard[chunks].tolist())
+                # Shards of chunks being read ahead stay mapped until those are decoded.
+                self._release(held - now - set(table.shard[ahead.pending()].tolist()))
+                held = now
+                # Each chunk is decoded once, when the window first needs one of its records,
+                # and let go after its last one: memory holds the chunks in progress, not the
+                # window.
+                remaining = dict(zip(chunks.tolist(), left.tolist(), strict=True))
+                decoded: dict[int, list[Record]] = {}
+                for c, o in zip(chunk_ids.tolist(), offsets.tolist(), strict=True):
+                    records = decoded.get(c)
+                    if records is None:
+                        records = cache.read_chunk(
+                            int(table.shard[c]), int(table.chunk[c]), unpacked=ahead.take(c)
+                        )
+                        decoded[c] = records
+                    remaining[c] -= 1
+                    if not remaining[c]:
+                        del decoded[c]
+                    if info is None:
+                        self._yielded += 1
+                    yield records[o]
+                    del records
         self._release(held)
         if info is None:
             # A finished epoch: the next iteration starts the next one from the beginning.

@@ -16,7 +16,8 @@ import xxhash
 from .codecs import DECODED_BYTES_PER_PAIR, expect_decoding
 from .format import MANIFEST_NAME, CacheError, CorruptCacheError, Record
 from .manifest import Manifest, read_manifest
-from .shard import DecodedChunk, ShardFile
+from .readahead import ReadAhead, default_depth
+from .shard import DecodedChunk, ShardFile, Unpacked
 from .storage import open_store
 
 
@@ -92,24 +93,50 @@ class LogitCache:
         shard, chunk, offset = self.locate(index)
         return self._record(self._decoded(shard, chunk, rows_on_demand=True), offset)
 
-    def read_chunk(self, shard: int, chunk: int) -> list[Record]:
-        decoded = self._decoded(shard, chunk)
+    def read_chunk(self, shard: int, chunk: int, unpacked: Unpacked = None) -> list[Record]:
+        """The records of one chunk (`unpacked`: its unpack_chunk() from a read-ahead)."""
+        decoded = self._decoded(shard, chunk, unpacked=unpacked)
         return [self._record(decoded, i) for i in range(len(decoded.token_starts) - 1)]
 
-    def iter_records(self, start: int = 0, stop: int | None = None) -> Iterator[Record]:
-        """Records start..stop-1 in order, decoding each chunk once and prefetching shards."""
+    def iter_records(
+        self, start: int = 0, stop: int | None = None, *, read_ahead: int | None = None
+    ) -> Iterator[Record]:
+        """Records start..stop-1 in order, decoding each chunk once and prefetching shards.
+
+        The next `read_ahead` chunks are checksummed and unzipped on a background thread
+        while this one decodes (readahead.py); by default on a machine with two or more
+        cores, and 0 turns it off.
+        """
         stop = len(self) if stop is None else min(stop, len(self))
-        self.expect_reading(stop - start)
+        depth = default_depth() if read_ahead is None else read_ahead
+        with ReadAhead(
+            lambda key: self.unpack_chunk(*key), self._chunk_keys(start, stop), depth
+        ) as ahead:
+            self.expect_reading(stop - start)
+            index = start
+            while index < stop:
+                shard, chunk, offset = self.locate(index)
+                if offset == 0 and chunk == 0:
+                    self._prefetch_after(shard)
+                decoded = self._decoded(shard, chunk, unpacked=ahead.take((shard, chunk)))
+                count = len(decoded.token_starts) - 1
+                for i in range(offset, min(count, offset + stop - index)):
+                    yield self._record(decoded, i)
+                index += count - offset
+
+    def _chunk_keys(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
+        """(shard, chunk) of each chunk that iter_records(start, stop) decodes, in order."""
         index = start
         while index < stop:
             shard, chunk, offset = self.locate(index)
-            if offset == 0 and chunk == 0:
-                self._prefetch_after(shard)
-            decoded = self._decoded(shard, chunk)
-            count = len(decoded.token_starts) - 1
-            for i in range(offset, min(count, offset + stop - index)):
-                yield self._record(decoded, i)
-            index += count - offset
+            yield shard, chunk
+            starts = self._chunk_starts[shard]
+            index += int(starts[chunk + 1] - starts[chunk]) - offset
+
+    def unpack_chunk(self, shard: int, chunk: int) -> Unpacked:
+        """The chunk's blocks checksummed and unzipped (ShardFile.unpack_chunk), for a
+        read-ahead thread to hand to read_chunk."""
+        return self.shard_file(shard).unpack_chunk(chunk)
 
     def __iter__(self) -> Iterator[Record]:
         return self.iter_records()
@@ -127,29 +154,34 @@ class LogitCache:
             opened = self._shards.get(shard)
             if opened is None:
                 entry = self.manifest.shards[shard]
-                path = self.store.local_shard_path(
+                with self.store.shard_to_map(
                     entry.path, size=entry.bytes, checksum=entry.checksum
-                )
-                opened = self._shards[shard] = ShardFile(
-                    path,
-                    name=entry.path,
-                    entry=entry,
-                    k=self.manifest.k,
-                    vocab_size=self.manifest.vocab_size,
-                    positions=self.manifest.positions,
-                )
+                ) as path:
+                    opened = self._shards[shard] = ShardFile(
+                        path,
+                        name=entry.path,
+                        entry=entry,
+                        k=self.manifest.k,
+                        vocab_size=self.manifest.vocab_size,
+                        positions=self.manifest.positions,
+                    )
             return opened
 
-    def _decoded(self, shard: int, chunk: int, rows_on_demand: bool = False) -> DecodedChunk:
+    def _decoded(
+        self, shard: int, chunk: int, rows_on_demand: bool = False, unpacked: Unpacked = None
+    ) -> DecodedChunk:
         """The chunk from the LRU, or decoded (with `rows_on_demand`, its teacher rows are
-        decoded a record at a time: a random read pays for its record, not its chunk)."""
+        decoded a record at a time: a random read pays for its record, not its chunk;
+        `unpacked` is the chunk's ShardFile.unpack_chunk() from a read-ahead thread)."""
         key = (shard, chunk)
         with self._lock:
             decoded = self._chunks.get(key)
             if decoded is not None:
                 self._chunks.move_to_end(key)
                 return decoded
-        decoded = self.shard_file(shard).decode_chunk(chunk, rows_on_demand=rows_on_demand)
+        decoded = self.shard_file(shard).decode_chunk(
+            chunk, rows_on_demand=rows_on_demand, unpacked=unpacked
+        )
         with self._lock:
             self._chunks[key] = decoded
             while len(self._chunks) > self._chunk_cache_size:

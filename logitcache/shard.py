@@ -12,7 +12,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,6 +216,10 @@ class DecodedChunk:
     topk_logprobs: np.ndarray | StagedBlock  # [n, K] float16 when decoded
     sample_ids: list[str | None] | None
     rows: Callable[[int, int], tuple[np.ndarray, np.ndarray]]  # (topk_ids, logprobs) of rows
+
+
+# A chunk's blocks after ShardFile.unpack_chunk, by column name (None: not unpacked yet).
+Unpacked = Mapping[str, np.ndarray] | None
 
 
 def _aligned_view(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -466,19 +470,38 @@ class ShardFile:
                 raise CorruptCacheError(problem)
         return self.buf[offset : offset + length], raw
 
-    def _column(self, index: int, name: str) -> np.ndarray:
-        data, raw = self._block(index, name)
+    def unpack_chunk(self, index: int) -> dict[str, np.ndarray]:
+        """Each of the chunk's blocks with its checksum verified and its zstd stage undone
+        (Pipeline.unpack): the part of decoding that runs in C without the GIL, which a
+        scan's read-ahead thread does for the chunks after the one being decoded."""
+        unpacked = {}
+        for name in COLUMN_ORDER:
+            if self.chunks.has(index, name):
+                data, raw = self._block(index, name)
+                try:
+                    unpacked[name] = self.pipelines[name].unpack(data, raw)
+                except CodecError as exc:
+                    self._fail(f"column {name}: {exc}", index)
+        return unpacked
+
+    def _column(self, index: int, name: str, unpacked: Unpacked = None) -> np.ndarray:
+        if unpacked is None:
+            data, raw = self._block(index, name)
+            decode = self.pipelines[name].decode_bytes
+        else:
+            data, raw = unpacked[name], int(self.chunks.blocks[index, COLUMN_INDEX[name], 2])
+            decode = self.pipelines[name].finish
         try:
-            buf = self.pipelines[name].decode_bytes(data, raw)
+            buf = decode(data, raw)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
         return _aligned_view(buf, COLUMN_DTYPES[name])
 
-    def _teacher_column(self, index: int, name: str, n: int, staged: bool):
+    def _teacher_column(self, index: int, name: str, n: int, staged: bool, unpacked: Unpacked):
         """A teacher column as [n, K] (ids checked against the vocabulary), or with
         `staged` and a pipeline that decodes by rows, a StagedBlock of it."""
         dtype = COLUMN_DTYPES[name]
-        if staged:
+        if staged and unpacked is None:
             data, raw = self._block(index, name)
             try:
                 block = self.pipelines[name].stage(data, raw, self.k * dtype.itemsize)
@@ -486,7 +509,7 @@ class ShardFile:
                 self._fail(f"column {name}: {exc}", index)
             if block is not None:
                 return block
-        values = self._column(index, name).reshape(n, self.k)
+        values = self._column(index, name, unpacked).reshape(n, self.k)
         if name == COL_TOPK_IDS:
             self._check_ids(index, name, values)
         return values
@@ -512,19 +535,22 @@ class ShardFile:
         values.flags.writeable = False
         return values
 
-    def decode_chunk(self, index: int, rows_on_demand: bool = False) -> DecodedChunk:
+    def decode_chunk(
+        self, index: int, rows_on_demand: bool = False, unpacked: Unpacked = None
+    ) -> DecodedChunk:
         """Decode and check one chunk; every offset is validated before it is used.
 
         With `rows_on_demand` the teacher columns are decoded a record's rows at a time by
         the result's `rows` (a random read decodes one record's rows, not all of them).
+        `unpacked` is this chunk's unpack_chunk(), when a read-ahead thread has made it.
         """
         r, t, n = self.chunks.counts[index].tolist()
-        lengths = self._column(index, COL_RECORD_LENGTHS)
+        lengths = self._column(index, COL_RECORD_LENGTHS, unpacked)
         if lengths.min() < 1 or int(lengths.sum(dtype=np.int64)) != t:
             self._fail("record lengths do not add up to the chunk's tokens", index)
         token_starts = np.zeros(r + 1, dtype=np.int64)
         np.cumsum(lengths, out=token_starts[1:])
-        mask_u8 = self._column(index, COL_LOSS_MASK)
+        mask_u8 = self._column(index, COL_LOSS_MASK, unpacked)
         if mask_u8.max() > 1:
             self._fail("loss_mask holds values other than 0 and 1", index)
         loss_mask = mask_u8.view(np.bool_)
@@ -538,13 +564,13 @@ class ShardFile:
         np.cumsum(per_record, out=target_starts[1:])
         if target_starts[-1] != n:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
-        input_ids = self._column(index, COL_INPUT_IDS)
+        input_ids = self._column(index, COL_INPUT_IDS, unpacked)
         self._check_ids(index, COL_INPUT_IDS, input_ids)
-        topk_logprobs = self._teacher_column(index, COL_TOPK_LOGPROBS, n, rows_on_demand)
-        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, rows_on_demand)
+        topk_logprobs = self._teacher_column(index, COL_TOPK_LOGPROBS, n, rows_on_demand, unpacked)
+        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, rows_on_demand, unpacked)
         sample_ids = None
         if self.chunks.has(index, COL_SAMPLE_ID_LENGTHS):
-            sample_ids = self._sample_ids(index, r)
+            sample_ids = self._sample_ids(index, r, unpacked)
         for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
             if isinstance(array, np.ndarray):
                 array.flags.writeable = False
@@ -566,9 +592,9 @@ class ShardFile:
             rows,
         )
 
-    def _sample_ids(self, index: int, r: int) -> list[str | None]:
-        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS)
-        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES).tobytes()
+    def _sample_ids(self, index: int, r: int, unpacked: Unpacked) -> list[str | None]:
+        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS, unpacked)
+        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES, unpacked).tobytes()
         if sid_lengths.min() < -1 or sid_lengths.max() > MAX_SAMPLE_ID_BYTES:
             self._fail("sample_id length out of range", index)
         if int(np.maximum(sid_lengths, 0).sum()) != len(sid_bytes):

@@ -6,6 +6,7 @@ can memory-map. Remote stores fetch whole shards into a size-bounded local cache
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import xxhash
@@ -158,6 +159,11 @@ class LocalStore:
         """A local path to memory-map; for a local store the file itself."""
         return self._path(rel)
 
+    @contextlib.contextmanager
+    def shard_to_map(self, rel: str, *, size: int, checksum: str) -> Iterator[str]:
+        """local_shard_path(), for mapping inside the `with`; a local store evicts nothing."""
+        yield self._path(rel)
+
     def prefetch(self, rels: list[tuple[str, int, str]]) -> None:
         """Hint that these (path, size, checksum) shards will be read soon; local: no-op."""
 
@@ -272,6 +278,7 @@ class RemoteStore:
         self._lock = threading.Lock()
         self._downloading: set[str] = set()  # local paths being written now
         self._prefetched: set[str] = set()  # local paths fetched ahead, not yet handed out
+        self._to_map: collections.Counter[str] = collections.Counter()  # handed out, not mapped
         self._prefetcher: Prefetcher | None = None
         self._staging: str | None = None
 
@@ -426,6 +433,22 @@ class RemoteStore:
             self._prefetched.discard(local)
         return path
 
+    @contextlib.contextmanager
+    def shard_to_map(self, rel: str, *, size: int, checksum: str) -> Iterator[str]:
+        """local_shard_path(), kept from eviction until the `with` ends: a download on another
+        thread evicts what is not mapped, and a file counts as mapped only once it is, so
+        the caller maps it inside the `with`."""
+        local = self._local_path(rel, checksum)
+        with self._lock:
+            self._to_map[local] += 1
+        try:
+            yield self.local_shard_path(rel, size=size, checksum=checksum)
+        finally:
+            with self._lock:
+                self._to_map[local] -= 1
+                if not self._to_map[local]:
+                    del self._to_map[local]
+
     def prefetch(self, rels: list[tuple[str, int, str]]) -> None:
         """Start background downloads of these (path, size, checksum) shards, in order.
 
@@ -556,7 +579,8 @@ class RemoteStore:
             return []
         mapped = _mapped_files() or set()
         with self._lock:
-            protected = set(keep) | self._downloading | self._prefetched | mapped
+            protected = set(keep) | self._downloading | self._prefetched | set(self._to_map)
+            protected |= mapped
         removed = []
         for path, size, _ in sorted(files, key=lambda f: f[2]):
             if total <= self.cache_limit_bytes:

@@ -151,7 +151,9 @@ def test_resume_does_not_reread_consumed_records(cache_url):
     resumed.load_state_dict(state)
     decoded = []
     read_chunk = resumed.cache.read_chunk
-    resumed.cache.read_chunk = lambda s, c: decoded.extend(read_chunk(s, c)) or read_chunk(s, c)
+    resumed.cache.read_chunk = lambda s, c, unpacked=None: (
+        decoded.extend(read_chunk(s, c, unpacked)) or read_chunk(s, c)
+    )
     tail = list(resumed)
     assert [r.sample_id for r in head + tail] == [r.sample_id for r in full]
     max_chunk = max(max(s.chunk_records) for s in resumed.cache.manifest.shards)

@@ -47,9 +47,9 @@ def watched(monkeypatch):
     state = {"decodes": 0, "alive": weakref.WeakSet()}
     original = LogitCache.read_chunk
 
-    def read_chunk(self, shard, chunk):
+    def read_chunk(self, shard, chunk, unpacked=None):
         state["decodes"] += 1
-        out = _Chunk(original(self, shard, chunk))
+        out = _Chunk(original(self, shard, chunk, unpacked))
         state["alive"].add(out)
         return out
 

@@ -79,9 +79,9 @@ def test_iteration_decodes_each_chunk_once(shared_small_cache, monkeypatch):
     calls: list[tuple[str, int]] = []
     original = ShardFile.decode_chunk
 
-    def counting(self, index, rows_on_demand=False):
+    def counting(self, index, rows_on_demand=False, unpacked=None):
         calls.append((self.name, index))
-        return original(self, index, rows_on_demand)
+        return original(self, index, rows_on_demand, unpacked)
 
     monkeypatch.setattr(ShardFile, "decode_chunk", counting)
     with open_cache(str(shared_small_cache.path), chunk_cache_size=1) as cache:
@@ -98,9 +98,9 @@ def test_one_record_decodes_one_chunk_and_the_lru_keeps_recent_chunks(
     calls: list[tuple[str, int]] = []
     original = ShardFile.decode_chunk
 
-    def counting(self, index, rows_on_demand=False):
+    def counting(self, index, rows_on_demand=False, unpacked=None):
         calls.append((self.name, index))
-        return original(self, index, rows_on_demand)
+        return original(self, index, rows_on_demand, unpacked)
 
     monkeypatch.setattr(ShardFile, "decode_chunk", counting)
     shards = shared_small_cache.manifest.shards

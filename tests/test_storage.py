@@ -174,6 +174,22 @@ def test_memory_store_round_trip_and_lru(memory_store):
     assert sorted(p for p, _, _ in store.cached_files()) == sorted([paths[0], paths[2]])
 
 
+def test_a_shard_handed_out_for_mapping_is_not_evicted_before_it_is_mapped(memory_store):
+    """Between download and mmap a shard is not yet in /proc/self/maps; downloads that evict
+    (on another thread, in a reader) must still leave it until the `with` ends."""
+    store = memory_store  # room for two 1000-byte shards
+    shards = [_upload(store, f"shards/{i}.lgc", bytes([i]) * 1000) for i in range(4)]
+    rel, size, checksum = shards[0]
+    with store.shard_to_map(rel, size=size, checksum=checksum) as path:
+        for other, other_size, other_checksum in shards[1:]:
+            store.local_shard_path(other, size=other_size, checksum=other_checksum)
+        assert os.path.exists(path), "evicted before it was mapped"
+    # Once handed over, it is an ordinary unmapped file: the next download may evict it.
+    store.local_shard_path(shards[1][0], size=1000, checksum=shards[1][2])
+    store.local_shard_path(shards[2][0], size=1000, checksum=shards[2][2])
+    assert not os.path.exists(path)
+
+
 def test_checksum_mismatch_is_corruption_and_leaves_nothing(memory_store):
     store = memory_store
     rel, size, _ = _upload(store, "shards/a.lgc", b"x" * 1000)

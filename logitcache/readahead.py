@@ -1,0 +1,97 @@
+"""Read-ahead for scans: the chunks after the one in hand are unpacked on a second thread.
+
+About half of decoding a chunk is checksumming its blocks and undoing their zstd stage, and
+both run in C without the GIL (xxhash and python-zstandard release it). A reader that knows
+which chunks come next hands those to one background thread (ShardFile.unpack_chunk) while
+its own thread runs the decoders and checks of the chunk before: on a machine with a core to
+spare, a scan uses it. Results are the same bytes either way, and a corrupt block raises the
+same error, naming shard, chunk and column, when its chunk is taken.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# Chunks unpacked ahead of the one being decoded: enough to ride out one slow chunk, few
+# enough to hold little memory (a default chunk unpacks to about 0.5 MB).
+READ_AHEAD_CHUNKS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_depth(busy_processes: int = 1) -> int:
+    """READ_AHEAD_CHUNKS when the machine has a core beyond the `busy_processes` that decode
+    (a DataLoader's workers, say), else 0: a thread without a core of its own only adds
+    switching."""
+    return READ_AHEAD_CHUNKS if usable_cpus() > busy_processes else 0
+
+
+class ReadAhead(Generic[K, V]):
+    """`unpack(key)` for each of `keys` in order, up to `depth` keys ahead of the one taken.
+
+    `take(key)` must name the keys in the order given; it waits for that key's result (or
+    re-raises its error) and starts the next. With depth 0 nothing runs in the background and
+    `take` returns None: the caller decodes the whole chunk itself. `close` drops what is not
+    yet taken; use it as a context manager so a scan stopped early stops its thread.
+    """
+
+    def __init__(self, unpack: Callable[[K], V], keys: Iterable[K], depth: int):
+        if depth < 0:
+            raise ValueError(f"read-ahead depth must be >= 0, got {depth}")
+        self._unpack = unpack
+        self._keys = iter(keys) if depth else iter(())
+        self._pending: deque[tuple[K, Future]] = deque()
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="logitcache-readahead") if depth else None
+        )
+        for _ in range(depth):
+            if not self._submit_next():
+                break
+
+    def _submit_next(self) -> bool:
+        key = next(self._keys, None)
+        if key is None:
+            return False
+        self._pending.append((key, self._executor.submit(self._unpack, key)))
+        return True
+
+    def pending(self) -> list[K]:
+        """Keys submitted and not yet taken, in order."""
+        return [key for key, _ in self._pending]
+
+    def take(self, key: K) -> V | None:
+        if self._executor is None:
+            return None
+        if not self._pending or self._pending[0][0] != key:
+            expected = self._pending[0][0] if self._pending else "nothing"
+            raise RuntimeError(f"read-ahead: asked for {key!r}, next in order is {expected!r}")
+        _, future = self._pending.popleft()
+        self._submit_next()
+        return future.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> ReadAhead[K, V]:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
