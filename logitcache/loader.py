@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from .format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED, Record
 from .partition import rank_span, round_robin_state, worker_span
-from .readahead import ReadAhead, default_depth
+from .readahead import ReadAhead
 from .reader import LogitCache, open_cache
 from .shuffle import ChunkTable, EpochSequence, chunk_order, window_permutation
 
@@ -138,10 +138,10 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
     with DataLoader workers, holds the epoch and how many samples each worker had handed out;
     `load_state_dict()` continues exactly there without reading what was consumed.
 
-    Read-ahead: each process checksums and unzips the next `read_ahead` chunks it will decode
-    on a background thread (logitcache.readahead). By default it does so when the machine
-    has a core beyond the processes decoding (0 DataLoader workers on two cores, say); 0
-    turns it off. Order, records and resume points are the same either way.
+    Read-ahead: with `read_ahead` > 0, each process checksums and unzips that many of the
+    chunks it will decode next on a background thread (logitcache.readahead; off by default,
+    worth trying with a core to spare). Order, records and resume points are the same either
+    way.
     """
 
     def __init__(
@@ -160,7 +160,7 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         prefetch_shards: int = 2,
-        read_ahead: int | None = None,
+        read_ahead: int = 0,
     ):
         if shuffle_window is not None and shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
@@ -175,9 +175,9 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         rank_span(0, self.rank, self.world_size, uneven)  # validates early
         self.prefetch_shards = int(prefetch_shards)
-        if read_ahead is not None and read_ahead < 0:
+        if read_ahead < 0:
             raise ValueError(f"read_ahead must be >= 0 chunks, got {read_ahead}")
-        self.read_ahead = read_ahead
+        self.read_ahead = int(read_ahead)
         self.epoch = 0
         self._resume: dict[str, Any] | None = None
         self._yielded = 0  # samples handed out in this process during this epoch (no workers)
@@ -269,13 +269,10 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         cache = self.cache
         seq = self._sequence(epoch)
         table = seq.table
-        depth = self.read_ahead
-        if depth is None:
-            depth = default_depth(busy_processes=max(1, num_workers))
         ahead = ReadAhead(
             lambda c: cache.unpack_chunk(int(table.shard[c]), int(table.chunk[c])),
             self._decode_order(self._windows(seq, epoch, num_workers, worker, skip)),
-            depth,
+            self.read_ahead,
         )
         held: set[int] = set()
         with ahead:

@@ -4,13 +4,13 @@ About half of decoding a chunk is checksumming its blocks and undoing their zstd
 both run in C without the GIL (xxhash and python-zstandard release it). A reader that knows
 which chunks come next hands those to one background thread (ShardFile.unpack_chunk) while
 its own thread runs the decoders and checks of the chunk before: on a machine with a core to
-spare, a scan uses it. Results are the same bytes either way, and a corrupt block raises the
-same error, naming shard, chunk and column, when its chunk is taken.
+spare, a scan can use it (`read_ahead=` on iter_records and LogitCacheDataset; off by
+default, see SUGGESTED_DEPTH). Results are the same bytes either way, and a corrupt block
+raises the same error, naming shard, chunk and column, when its chunk is taken.
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,24 +19,11 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-# Chunks unpacked ahead of the one being decoded: enough to ride out one slow chunk, few
-# enough to hold little memory (a default chunk unpacks to about 0.5 MB).
-READ_AHEAD_CHUNKS = 4
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def default_depth(busy_processes: int = 1) -> int:
-    """READ_AHEAD_CHUNKS when the machine has a core beyond the `busy_processes` that decode
-    (a DataLoader's workers, say), else 0: a thread without a core of its own only adds
-    switching."""
-    return READ_AHEAD_CHUNKS if usable_cpus() > busy_processes else 0
+# A depth that rides out one slow chunk and holds little memory (a default chunk unpacks to
+# about 0.5 MB), for callers that turn read-ahead on. It is off by default: on a 2-core VM the
+# hand-offs of the GIL between the two threads cost more than the second core gave back in
+# some runs (benchmarks/bench_readahead.py measures it on and off, fresh processes).
+SUGGESTED_DEPTH = 4
 
 
 class ReadAhead(Generic[K, V]):

@@ -16,7 +16,7 @@ import xxhash
 from .codecs import DECODED_BYTES_PER_PAIR, expect_decoding
 from .format import MANIFEST_NAME, CacheError, CorruptCacheError, Record
 from .manifest import Manifest, read_manifest
-from .readahead import ReadAhead, default_depth
+from .readahead import ReadAhead
 from .shard import DecodedChunk, ShardFile, Unpacked
 from .storage import open_store
 
@@ -99,18 +99,16 @@ class LogitCache:
         return [self._record(decoded, i) for i in range(len(decoded.token_starts) - 1)]
 
     def iter_records(
-        self, start: int = 0, stop: int | None = None, *, read_ahead: int | None = None
+        self, start: int = 0, stop: int | None = None, *, read_ahead: int = 0
     ) -> Iterator[Record]:
         """Records start..stop-1 in order, decoding each chunk once and prefetching shards.
 
-        The next `read_ahead` chunks are checksummed and unzipped on a background thread
-        while this one decodes (readahead.py); by default on a machine with two or more
-        cores, and 0 turns it off.
+        With `read_ahead` > 0, that many chunks ahead are checksummed and unzipped on a
+        background thread while this one decodes (readahead.py; off by default).
         """
         stop = len(self) if stop is None else min(stop, len(self))
-        depth = default_depth() if read_ahead is None else read_ahead
         with ReadAhead(
-            lambda key: self.unpack_chunk(*key), self._chunk_keys(start, stop), depth
+            lambda key: self.unpack_chunk(*key), self._chunk_keys(start, stop), read_ahead
         ) as ahead:
             self.expect_reading(stop - start)
             index = start

@@ -22,7 +22,7 @@ from logitcache.codecs import (
 )
 from logitcache.format import CorruptCacheError
 from logitcache.loader import LogitCacheDataset
-from logitcache.readahead import ReadAhead, default_depth
+from logitcache.readahead import ReadAhead
 from logitcache.reader import LogitCache
 
 from .conftest import SMALL_K, SMALL_VOCAB, assert_record_equal, make_records, write_cache
@@ -112,14 +112,6 @@ def test_close_drops_what_is_pending_and_stops_the_thread():
     ahead.close()
     assert not _readahead_threads()
     assert len(ran) <= 8
-
-
-def test_default_depth_needs_a_core_beyond_the_busy_processes(monkeypatch):
-    monkeypatch.setattr("logitcache.readahead.usable_cpus", lambda: 2)
-    assert default_depth(1) > 0
-    assert default_depth(2) == 0
-    monkeypatch.setattr("logitcache.readahead.usable_cpus", lambda: 1)
-    assert default_depth(1) == 0
 
 
 # -- unpack then finish is decode --------------------------------------------------------
