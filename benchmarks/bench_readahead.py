@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         "--depth", type=int, default=SUGGESTED_DEPTH, help="read-ahead depth to compare"
     )
     args = parser.parse_args(argv)
+    if args.depth < 1 or args.repeats < 1:
+        parser.error("--depth and --repeats must be at least 1")
 
     work = None
     url = args.cache
