@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from .format import POSITIONS_ALL, POSITIONS_MODES, POSITIONS_SUPERVISED, Record
 from .partition import rank_span, round_robin_state, worker_span
-from .readahead import ReadAhead
 from .reader import LogitCache, open_cache
 from .shuffle import ChunkTable, EpochSequence, chunk_order, window_permutation
 
@@ -269,7 +268,7 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         cache = self.cache
         seq = self._sequence(epoch)
         table = seq.table
-        ahead = ReadAhead(
+        ahead = cache.start_read_ahead(
             lambda c: cache.unpack_chunk(int(table.shard[c]), int(table.chunk[c])),
             self._decode_order(self._windows(seq, epoch, num_workers, worker, skip)),
             self.read_ahead,

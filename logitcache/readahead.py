@@ -11,6 +11,7 @@ raises the same error, naming shard, chunk and column, when its chunk is taken.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,13 +33,16 @@ class ReadAhead(Generic[K, V]):
     `take(key)` must name the keys in the order given; it waits for that key's result (or
     re-raises its error) and starts the next. With depth 0 nothing runs in the background and
     `take` returns None: the caller decodes the whole chunk itself. `close` drops what is not
-    yet taken; use it as a context manager so a scan stopped early stops its thread.
+    yet taken and stops the thread, from any thread; `take` then returns None, so a scan whose
+    cache was closed under it goes on decoding by itself. Use it as a context manager so a
+    scan stopped early stops its thread.
     """
 
     def __init__(self, unpack: Callable[[K], V], keys: Iterable[K], depth: int):
         if depth < 0:
             raise ValueError(f"read-ahead depth must be >= 0, got {depth}")
         self._unpack = unpack
+        self._lock = threading.Lock()  # take and close may run on different threads
         self._keys = iter(keys) if depth else iter(())
         self._pending: deque[tuple[K, Future]] = deque()
         self._executor = (
@@ -57,25 +61,28 @@ class ReadAhead(Generic[K, V]):
 
     def pending(self) -> list[K]:
         """Keys submitted and not yet taken, in order."""
-        return [key for key, _ in self._pending]
+        with self._lock:
+            return [key for key, _ in self._pending]
 
     def take(self, key: K) -> V | None:
-        if self._executor is None:
-            return None
-        if not self._pending or self._pending[0][0] != key:
-            expected = self._pending[0][0] if self._pending else "nothing"
-            raise RuntimeError(f"read-ahead: asked for {key!r}, next in order is {expected!r}")
-        _, future = self._pending.popleft()
-        self._submit_next()
+        with self._lock:
+            if self._executor is None:
+                return None
+            if not self._pending or self._pending[0][0] != key:
+                expected = self._pending[0][0] if self._pending else "nothing"
+                raise RuntimeError(f"read-ahead: asked for {key!r}, next in order is {expected!r}")
+            _, future = self._pending.popleft()
+            self._submit_next()
         return future.result()
 
     def close(self) -> None:
-        if self._executor is not None:
+        with self._lock:
+            executor, self._executor = self._executor, None
             for _, future in self._pending:
                 future.cancel()
             self._pending.clear()
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if executor is not None:
+            executor.shutdown(wait=True)  # outside the lock: the running unpack may finish
 
     def __enter__(self) -> ReadAhead[K, V]:
         return self

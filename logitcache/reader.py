@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import xxhash
@@ -66,6 +67,7 @@ class LogitCache:
         )
         self._chunk_cache_size = max(1, chunk_cache_size)
         self._lock = threading.RLock()
+        self._read_aheads: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
 
     # -- lookup --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -107,7 +109,7 @@ class LogitCache:
         background thread while this one decodes (readahead.py; off by default).
         """
         stop = len(self) if stop is None else min(stop, len(self))
-        with ReadAhead(
+        with self.start_read_ahead(
             lambda key: self.unpack_chunk(*key), self._chunk_keys(start, stop), read_ahead
         ) as ahead:
             self.expect_reading(stop - start)
@@ -130,6 +132,15 @@ class LogitCache:
             yield shard, chunk
             starts = self._chunk_starts[shard]
             index += int(starts[chunk + 1] - starts[chunk]) - offset
+
+    def start_read_ahead(self, unpack: Callable, keys: Iterable, depth: int) -> ReadAhead:
+        """A ReadAhead over this cache's chunks (readahead.py) that close() stops before it
+        unmaps the shards its thread reads."""
+        ahead = ReadAhead(unpack, keys, depth)
+        if depth:
+            with self._lock:
+                self._read_aheads.add(ahead)
+        return ahead
 
     def unpack_chunk(self, shard: int, chunk: int) -> Unpacked:
         """The chunk's blocks checksummed and unzipped (ShardFile.unpack_chunk), for a
@@ -281,6 +292,12 @@ class LogitCache:
             opened.close()
 
     def close(self) -> None:
+        # Read-ahead threads first, and outside the lock: one may be waiting for it to open
+        # a shard. A scan still running goes on without read-ahead, reopening shards.
+        with self._lock:
+            aheads = list(self._read_aheads)
+        for ahead in aheads:
+            ahead.close()
         with self._lock:
             self._chunks.clear()
             for shard in self._shards.values():

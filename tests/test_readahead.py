@@ -114,6 +114,31 @@ def test_close_drops_what_is_pending_and_stops_the_thread():
     assert len(ran) <= 8
 
 
+def test_close_from_another_thread_lets_a_waiting_take_finish_and_later_takes_return_none():
+    started, release = threading.Event(), threading.Event()
+
+    def unpack(key):
+        started.set()
+        release.wait(5)
+        return key
+
+    ahead = ReadAhead(unpack, range(10), depth=2)
+    started.wait(5)
+    results = []
+    taker = threading.Thread(target=lambda: results.append(ahead.take(0)))
+    taker.start()
+    time.sleep(0.05)  # the taker now waits for key 0
+    closer = threading.Thread(target=ahead.close)
+    closer.start()
+    release.set()
+    taker.join(5)
+    closer.join(5)
+    assert results == [0]
+    assert not _readahead_threads()
+    assert ahead.take(1) is None and ahead.pending() == []
+    ahead.close()  # twice is fine
+
+
 # -- unpack then finish is decode --------------------------------------------------------
 @pytest.mark.parametrize("family", ["default", "entropy"])
 def test_finish_of_unpack_is_decode_for_every_column(family):
@@ -225,6 +250,21 @@ def test_a_corrupt_block_met_ahead_fails_at_its_own_chunk_by_name(small_cache):
     assert not _readahead_threads()
 
 
+def test_closing_the_cache_stops_read_ahead_and_the_scan_goes_on(shared_small_cache):
+    """close() joins the read-ahead thread before it unmaps shards; a scan still running
+    then decodes by itself, reopening shards, and yields the same records."""
+    cache = open_cache(str(shared_small_cache.path))
+    scan = cache.iter_records(read_ahead=4)
+    got = [next(scan) for _ in range(3)]
+    assert _readahead_threads()
+    cache.close()
+    assert not _readahead_threads()
+    got += list(scan)
+    cache.close()
+    for i, (record, want) in enumerate(zip(got, shared_small_cache.records, strict=True)):
+        assert_record_equal(record, want, f"record {i}")
+
+
 # -- the streaming dataset ---------------------------------------------------------------
 @pytest.mark.parametrize("window", [1, 7, 1000])
 def test_dataset_with_read_ahead_streams_the_same_records(shared_small_cache, window):
@@ -270,6 +310,21 @@ def test_dataset_resumes_to_the_same_records_with_read_ahead(shared_small_cache)
     resumed = LogitCacheDataset(url, seed=2, shuffle_window=4, read_ahead=3)
     resumed.load_state_dict(state)
     _same_records(head + list(resumed), full)
+
+
+def test_closing_a_datasets_cache_mid_epoch_stops_read_ahead_and_the_epoch_goes_on(
+    shared_small_cache,
+):
+    url = str(shared_small_cache.path)
+    want = list(LogitCacheDataset(url, seed=4, shuffle_window=6, read_ahead=0))
+    ds = LogitCacheDataset(url, seed=4, shuffle_window=6, read_ahead=3)
+    it = iter(ds)
+    got = [next(it) for _ in range(5)]
+    assert _readahead_threads()
+    ds.cache.close()  # the cache this process's iteration reads
+    assert not _readahead_threads()
+    got += list(it)
+    _same_records(got, want)
 
 
 def test_negative_read_ahead_is_refused(shared_small_cache):
