@@ -58,14 +58,14 @@ def _write_caches(work: str, records: int) -> tuple[str, str]:
 
 
 def _blocks(cache):
-    """(shard file, chunk, column name, stored bytes, raw length) of every block."""
+    """(codec pipeline, stored bytes, raw length) of every block of the cache."""
     for s in range(len(cache.manifest.shards)):
         shard = cache.shard_file(s)
         for chunk in range(len(shard.chunks)):
             for name, column in COLUMN_INDEX.items():
                 offset, length, raw = shard.chunks.blocks[chunk, column].tolist()
                 if offset >= 0:
-                    yield shard, chunk, name, shard.buf[offset : offset + length], raw
+                    yield shard.pipelines[name], shard.buf[offset : offset + length], raw
 
 
 def _scan(url: str) -> tuple[float, int]:
@@ -82,8 +82,8 @@ def _c_floor(url: str) -> float:
     zstd = zstandard.ZstdDecompressor()
     with open_cache(url) as cache:
         work = [
-            (data, raw, isinstance(shard.pipelines[name].codecs[-1], Zstd))
-            for shard, _, name, data, raw in _blocks(cache)
+            (data, raw, bool(pipeline.codecs) and isinstance(pipeline.codecs[-1], Zstd))
+            for pipeline, data, raw in _blocks(cache)
         ]
         start = time.perf_counter()
         for data, raw, zipped in work:
