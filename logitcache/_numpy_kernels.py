@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# What record_starts (here and in _kernels) returns.
+RECORD_STARTS_OK = 0
+RECORD_STARTS_BAD_LENGTHS = 1  # a record length below 1, or lengths not summing to T
+RECORD_STARTS_BAD_MASK = 2  # a loss_mask value other than 0 and 1
+RECORD_STARTS_MASKED_FIRST = 3  # loss_mask true at a record's first token
+
 
 def byte_unshuffle(src: np.ndarray, elementsize: int) -> np.ndarray:
     """Inverse of `shuffle`: byte planes back to elements (uint8 in, uint8 out)."""
@@ -76,3 +82,32 @@ def fp16_key_delta_decode(deltas: np.ndarray, row_length: int) -> np.ndarray:
     flip |= np.int16(-0x8000)
     keys ^= flip.view(np.uint16)
     return keys
+
+
+def record_starts(
+    lengths: np.ndarray,
+    mask: np.ndarray,
+    all_positions: bool,
+    token_starts: np.ndarray,
+    target_starts: np.ndarray,
+) -> int:
+    """A chunk's record offsets from its `record_lengths` [R] and `loss_mask` [T] (uint8),
+    with the checks of spec section 4.2. Fills token_starts and target_starts [R + 1]
+    (int64); returns RECORD_STARTS_OK or the first rule broken."""
+    if lengths.size and lengths.min() < 1:
+        return RECORD_STARTS_BAD_LENGTHS
+    token_starts[0] = 0
+    np.cumsum(lengths, dtype=np.int64, out=token_starts[1:])
+    if token_starts[-1] != mask.size:
+        return RECORD_STARTS_BAD_LENGTHS
+    if mask.size and mask.max() > 1:
+        return RECORD_STARTS_BAD_MASK
+    if mask[token_starts[:-1]].any():
+        return RECORD_STARTS_MASKED_FIRST
+    if all_positions:
+        per_record = lengths.astype(np.int64) - 1
+    else:
+        per_record = np.add.reduceat(mask, token_starts[:-1], dtype=np.int64)
+    target_starts[0] = 0
+    np.cumsum(per_record, out=target_starts[1:])
+    return RECORD_STARTS_OK

@@ -402,19 +402,11 @@ class ByteBitShuffle(Codec):
 def _unshuffle_ids(jit, buf: np.ndarray, n: int) -> np.ndarray | None:
     """numba's fast path of byte_bit_shuffle(4, 2) decoding, or None when more than two bit
     planes hold a set bit (ids of 2**18 and above: the generic kernel decodes those)."""
-    nb = (n + 7) // 8
-    planes = buf[2 * n :].reshape(16, nb)
-    if n % 8 and (planes[:, -1] & ((1 << (8 - n % 8)) - 1)).any():
-        raise CodecError("byte_bit_shuffle: a padding bit is set")
-    used = np.flatnonzero(planes.any(axis=1)).tolist()
-    if len(used) > 2:
-        return None
-    zero = np.zeros(nb, dtype=np.uint8)
-    zero.flags.writeable = False  # typed as the planes are: one compiled kernel, not three
-    (qa, a), (qb, b) = ([(31 - q, planes[q]) for q in used] + [(0, zero), (0, zero)])[:2]
     words = np.empty(n, dtype=np.uint32)
-    jit.unshuffle_ids(buf[:n], buf[n : 2 * n], a, qa, b, qb, words)
-    return words.view(np.uint8)
+    status = jit.unshuffle_ids_auto(buf, n, words)
+    if status < 0:
+        raise CodecError("byte_bit_shuffle: a padding bit is set")
+    return None if status else words.view(np.uint8)
 
 
 class Fp16KeyDelta(Codec):
@@ -451,7 +443,7 @@ class Fp16KeyDelta(Codec):
         self._check_size(buf.size, decoded_size, exact)
         if buf.size % 2:
             raise CodecError("fp16_key_delta: odd number of bytes")
-        deltas = _aligned(buf).view(np.uint16)
+        deltas = aligned_view(buf, np.uint16)
         jit = read_kernels(buf.size)
         if jit is None:
             return _numpy_kernels.fp16_key_delta_decode(deltas, self.row_length).view(np.uint8)
@@ -477,7 +469,7 @@ class Int32Delta(Codec):
         if buf.size % 4:
             raise CodecError("int_delta: size is not a multiple of 4")
         out = np.empty(buf.size // 4, dtype=np.int32)
-        kernels().int32_delta_decode(_aligned(buf).view(np.int32), out)
+        kernels().int32_delta_decode(aligned_view(buf, np.int32), out)
         return out.view(np.uint8)
 
 
@@ -701,7 +693,7 @@ class AnsUint(Codec):
         n = buf.size // self.elementsize
         if n == 0:
             return np.zeros(0, dtype=np.uint8)
-        values = _aligned(buf).view(self._dtype)
+        values = aligned_view(buf, self._dtype)
         ctx, tok, nbits, raw = _step_arrays(n)
         kernels().hybrid_uint_steps(values, self._ctx, self.row_length, ctx, tok, nbits, raw)
         freqs = _token_freqs(ctx, tok, ANS_RANK_CONTEXTS, self._alphabet)
@@ -784,7 +776,7 @@ class AnsIds(Codec):
     def encode(self, buf: np.ndarray) -> np.ndarray:
         if buf.size % 4:
             raise CodecError(f"ans_ids: {buf.size} bytes is not a multiple of 4")
-        ids = _aligned(buf).view(np.int32)
+        ids = aligned_view(buf, np.int32)
         n = ids.size
         if n == 0:
             return np.zeros(0, dtype=np.uint8)
@@ -943,7 +935,7 @@ class Fp16Grid(Codec):
             raise CodecError("fp16_grid: odd number of bytes")
         _, index_of = grid_tables(self.step)
         out = np.empty(buf.size // 2, dtype=np.uint32)
-        kernels().fp16_grid_encode(_aligned(buf).view(np.uint16), self.row_length, index_of, out)
+        kernels().fp16_grid_encode(aligned_view(buf, np.uint16), self.row_length, index_of, out)
         return out.view(np.uint8)
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
@@ -953,17 +945,18 @@ class Fp16Grid(Codec):
         grid_bits, _ = grid_tables(self.step)
         out = np.empty(buf.size // 4, dtype=np.uint16)
         if kernels().fp16_grid_decode(
-            _aligned(buf).view(np.uint32), self.row_length, grid_bits, out
+            aligned_view(buf, np.uint32), self.row_length, grid_bits, out
         ):
             raise CodecError("fp16_grid: a grid index or key difference is out of range")
         return out.view(np.uint8)
 
 
-def _aligned(buf: np.ndarray) -> np.ndarray:
-    """A copy when `buf` is not 8-byte aligned, so typed views are safe."""
-    if buf.ctypes.data % 8:
-        return buf.copy()
-    return buf
+def aligned_view(buf: np.ndarray, dtype) -> np.ndarray:
+    """`buf` (uint8) viewed as `dtype`, through a copy when its address does not suit the
+    dtype (numba's kernels take aligned arrays). It reads the view's alignment flag:
+    `buf.ctypes.data` builds an object per call, which a scan would pay on every block."""
+    view = buf.view(dtype)
+    return view if view.flags.aligned else buf.copy().view(dtype)
 
 
 CODECS: dict[str, type[Codec]] = {
@@ -1131,7 +1124,7 @@ class Pipeline:
     def decode(self, data, dtype, count: int) -> np.ndarray:
         dtype = np.dtype(dtype)
         buf = self.decode_bytes(data, count * dtype.itemsize)
-        return _aligned(buf).view(dtype)
+        return aligned_view(buf, dtype)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.get_config()})"

@@ -49,11 +49,11 @@ class ChunkDirectory:
         self.counts = counts  # int64 [chunks, 3]: records, tokens, targets
         self.blocks = blocks  # int64 [chunks, columns, 3]: offset, length, raw; -1 if absent
         self.checksums = checksums  # uint64 [chunks, columns]
-        # Blocks whose checksum matched, so a chunk decoded again (evicted from a reader's
-        # LRU, or read by random access) is hashed once per process. The map is read-only
-        # and writers never modify a published shard in place (they write new files), so
-        # bytes verified once stay verified.
-        self.verified = np.zeros(checksums.shape, dtype=bool)
+        # Blocks whose checksum matched (absent ones count as verified), so a chunk decoded
+        # again (evicted from a reader's LRU, or read by random access) is hashed once per
+        # process. The map is read-only and writers never modify a published shard in place
+        # (they write new files), so bytes verified once stay verified.
+        self.verified = blocks[:, :, 0] < 0
 
     @classmethod
     def from_parsed(cls, chunks: list[dict]) -> ChunkDirectory:

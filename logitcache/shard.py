@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .codecs import CodecError, Pipeline, StagedBlock
+from . import _numpy_kernels
+from ._numpy_kernels import (
+    RECORD_STARTS_BAD_LENGTHS,
+    RECORD_STARTS_BAD_MASK,
+    RECORD_STARTS_MASKED_FIRST,
+    RECORD_STARTS_OK,
+)
+from .codecs import CodecError, Pipeline, StagedBlock, aligned_view, read_kernels
 from .directory import COLUMN_INDEX, COLUMN_ORDER, ChunkDirectory
 from .format import (
     BLOCK_ALIGN,
@@ -49,6 +56,11 @@ from .sealed_json import strict_loads
 _HEADER = struct.Struct("<8sHHI")
 _TRAILER = struct.Struct("<QQ8s")
 _FIX = "the file is corrupt: re-download it, or re-write the cache"
+_RECORD_STARTS_PROBLEMS = {
+    RECORD_STARTS_BAD_LENGTHS: "record lengths do not add up to the chunk's tokens",
+    RECORD_STARTS_BAD_MASK: "loss_mask holds values other than 0 and 1",
+    RECORD_STARTS_MASKED_FIRST: "loss_mask is true at the first token of a record",
+}
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
@@ -220,12 +232,6 @@ class DecodedChunk:
 
 # A chunk's blocks after ShardFile.unpack_chunk, by column name (None: not unpacked yet).
 Unpacked = Mapping[str, np.ndarray] | None
-
-
-def _aligned_view(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.itemsize > 1 and buf.ctypes.data % 8:
-        buf = buf.copy()
-    return buf.view(dtype)
 
 
 class ShardFile:
@@ -460,56 +466,69 @@ class ShardFile:
         self.chunks.verified[index, COLUMN_INDEX[name]] = True
         return None
 
-    def _block(self, index: int, name: str) -> tuple[np.ndarray, int]:
-        """(stored bytes, raw length) of a column's block, its checksum verified."""
-        column = COLUMN_INDEX[name]
-        offset, length, raw = self.chunks.blocks[index, column].tolist()
-        if not self.chunks.verified[index, column]:
-            problem = self.block_problem(index, name)
-            if problem:
-                raise CorruptCacheError(problem)
-        return self.buf[offset : offset + length], raw
+    def _verified_blocks(self, index: int) -> list[list[int]]:
+        """[offset, length, raw_length] of chunk `index`'s block of each column (in
+        COLUMN_INDEX order, offset -1 where the column is absent), every present block's
+        checksum verified: once per process, since bytes verified once stay verified."""
+        verified = self.chunks.verified[index]
+        if not verified.all():
+            for name, column in COLUMN_INDEX.items():
+                if not verified[column]:
+                    problem = self.block_problem(index, name)
+                    if problem:
+                        raise CorruptCacheError(problem)
+        return self.chunks.blocks[index].tolist()
 
     def unpack_chunk(self, index: int) -> dict[str, np.ndarray]:
         """Each of the chunk's blocks with its checksum verified and its zstd stage undone
         (Pipeline.unpack): the part of decoding that runs in C without the GIL, which a
         scan's read-ahead thread does for the chunks after the one being decoded."""
         unpacked = {}
-        for name in COLUMN_ORDER:
-            if self.chunks.has(index, name):
-                data, raw = self._block(index, name)
+        for name, (offset, length, raw) in zip(
+            COLUMN_INDEX, self._verified_blocks(index), strict=True
+        ):
+            if offset >= 0:
                 try:
-                    unpacked[name] = self.pipelines[name].unpack(data, raw)
+                    unpacked[name] = self.pipelines[name].unpack(
+                        self.buf[offset : offset + length], raw
+                    )
                 except CodecError as exc:
                     self._fail(f"column {name}: {exc}", index)
         return unpacked
 
-    def _column(self, index: int, name: str, unpacked: Unpacked = None) -> np.ndarray:
-        if unpacked is None:
-            data, raw = self._block(index, name)
-            decode = self.pipelines[name].decode_bytes
-        else:
-            data, raw = unpacked[name], int(self.chunks.blocks[index, COLUMN_INDEX[name], 2])
-            decode = self.pipelines[name].finish
+    def _column(
+        self, index: int, name: str, blocks: list | None = None, unpacked: Unpacked = None
+    ) -> np.ndarray:
+        """A column of the chunk decoded whole (`blocks`: its _verified_blocks)."""
+        if blocks is None:
+            blocks = self._verified_blocks(index)
+        offset, length, raw = blocks[COLUMN_INDEX[name]]
         try:
-            buf = decode(data, raw)
+            if unpacked is None:
+                buf = self.pipelines[name].decode_bytes(self.buf[offset : offset + length], raw)
+            else:
+                buf = self.pipelines[name].finish(unpacked[name], raw)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
-        return _aligned_view(buf, COLUMN_DTYPES[name])
+        return aligned_view(buf, COLUMN_DTYPES[name])
 
-    def _teacher_column(self, index: int, name: str, n: int, staged: bool, unpacked: Unpacked):
+    def _teacher_column(
+        self, index: int, name: str, n: int, blocks: list, staged: bool, unpacked: Unpacked
+    ):
         """A teacher column as [n, K] (ids checked against the vocabulary), or with
         `staged` and a pipeline that decodes by rows, a StagedBlock of it."""
         dtype = COLUMN_DTYPES[name]
         if staged and unpacked is None:
-            data, raw = self._block(index, name)
+            offset, length, raw = blocks[COLUMN_INDEX[name]]
             try:
-                block = self.pipelines[name].stage(data, raw, self.k * dtype.itemsize)
+                block = self.pipelines[name].stage(
+                    self.buf[offset : offset + length], raw, self.k * dtype.itemsize
+                )
             except CodecError as exc:
                 self._fail(f"column {name}: {exc}", index)
             if block is not None:
                 return block
-        values = self._column(index, name, unpacked).reshape(n, self.k)
+        values = self._column(index, name, blocks, unpacked).reshape(n, self.k)
         if name == COL_TOPK_IDS:
             self._check_ids(index, name, values)
         return values
@@ -529,7 +548,7 @@ class ShardFile:
             buf = source.decode_range(lo * width, hi * width)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
-        values = _aligned_view(buf, COLUMN_DTYPES[name]).reshape(hi - lo, self.k)
+        values = aligned_view(buf, COLUMN_DTYPES[name]).reshape(hi - lo, self.k)
         if name == COL_TOPK_IDS:
             self._check_ids(index, name, values)
         values.flags.writeable = False
@@ -545,32 +564,30 @@ class ShardFile:
         `unpacked` is this chunk's unpack_chunk(), when a read-ahead thread has made it.
         """
         r, t, n = self.chunks.counts[index].tolist()
-        lengths = self._column(index, COL_RECORD_LENGTHS, unpacked)
-        if lengths.min() < 1 or int(lengths.sum(dtype=np.int64)) != t:
-            self._fail("record lengths do not add up to the chunk's tokens", index)
-        token_starts = np.zeros(r + 1, dtype=np.int64)
-        np.cumsum(lengths, out=token_starts[1:])
-        mask_u8 = self._column(index, COL_LOSS_MASK, unpacked)
-        if mask_u8.max() > 1:
-            self._fail("loss_mask holds values other than 0 and 1", index)
-        loss_mask = mask_u8.view(np.bool_)
-        if loss_mask[token_starts[:-1]].any():
-            self._fail("loss_mask is true at the first token of a record", index)
-        if self.positions == POSITIONS_ALL:
-            per_record = lengths.astype(np.int64) - 1
-        else:
-            per_record = np.add.reduceat(mask_u8, token_starts[:-1], dtype=np.int64)
-        target_starts = np.zeros(r + 1, dtype=np.int64)
-        np.cumsum(per_record, out=target_starts[1:])
+        blocks = self._verified_blocks(index)
+        lengths = self._column(index, COL_RECORD_LENGTHS, blocks, unpacked)
+        mask_u8 = self._column(index, COL_LOSS_MASK, blocks, unpacked)
+        # Their sizes are r and t: raw_length was checked against the counts (spec 4.2).
+        token_starts = np.empty(r + 1, dtype=np.int64)
+        target_starts = np.empty(r + 1, dtype=np.int64)
+        kernels = read_kernels(0) or _numpy_kernels
+        status = kernels.record_starts(
+            lengths, mask_u8, self.positions == POSITIONS_ALL, token_starts, target_starts
+        )
+        if status != RECORD_STARTS_OK:
+            self._fail(_RECORD_STARTS_PROBLEMS[status], index)
         if target_starts[-1] != n:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
-        input_ids = self._column(index, COL_INPUT_IDS, unpacked)
+        loss_mask = mask_u8.view(np.bool_)
+        input_ids = self._column(index, COL_INPUT_IDS, blocks, unpacked)
         self._check_ids(index, COL_INPUT_IDS, input_ids)
-        topk_logprobs = self._teacher_column(index, COL_TOPK_LOGPROBS, n, rows_on_demand, unpacked)
-        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, rows_on_demand, unpacked)
+        topk_logprobs = self._teacher_column(
+            index, COL_TOPK_LOGPROBS, n, blocks, rows_on_demand, unpacked
+        )
+        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, blocks, rows_on_demand, unpacked)
         sample_ids = None
         if self.chunks.has(index, COL_SAMPLE_ID_LENGTHS):
-            sample_ids = self._sample_ids(index, r, unpacked)
+            sample_ids = self._sample_ids(index, r, blocks, unpacked)
         for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
             if isinstance(array, np.ndarray):
                 array.flags.writeable = False
@@ -592,9 +609,9 @@ class ShardFile:
             rows,
         )
 
-    def _sample_ids(self, index: int, r: int, unpacked: Unpacked) -> list[str | None]:
-        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS, unpacked)
-        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES, unpacked).tobytes()
+    def _sample_ids(self, index: int, r: int, blocks: list, unpacked: Unpacked) -> list[str | None]:
+        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS, blocks, unpacked)
+        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES, blocks, unpacked).tobytes()
         if sid_lengths.min() < -1 or sid_lengths.max() > MAX_SAMPLE_ID_BYTES:
             self._fail("sample_id length out of range", index)
         if int(np.maximum(sid_lengths, 0).sum()) != len(sid_bytes):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from logitcache import CacheWriter, codecs, open_cache
+from logitcache import CacheWriter, codecs, open_cache, shard
 from logitcache import _kernels as jit
 from logitcache import _numpy_kernels as npk
 from logitcache.codecs import ByteBitShuffle, CodecError, Fp16KeyDelta, Shuffle
@@ -27,6 +27,7 @@ def read_path(request, monkeypatch) -> str:
     numba = codecs.kernels()  # encoders use it either way
     chosen = None if request.param == "numpy" else numba
     monkeypatch.setattr(codecs, "read_kernels", lambda nbytes: chosen)
+    monkeypatch.setattr(shard, "read_kernels", lambda nbytes: chosen)  # record_starts
     return request.param
 
 
@@ -123,6 +124,58 @@ def test_all_fp16_bit_patterns_round_trip(read_path):
     codec = Fp16KeyDelta(128)
     encoded = codec.encode(bits.view(np.uint8))
     assert np.array_equal(codec.decode(encoded, encoded.size).view(np.uint16), bits)
+
+
+def _record_starts_both(lengths, mask, all_positions: bool) -> tuple[int, list, list]:
+    """record_starts of both kernel sets, which must agree; (status, token, target starts)."""
+    results = []
+    for kernels in (npk, jit):
+        token_starts = np.full(lengths.size + 1, -7, dtype=np.int64)
+        target_starts = np.full(lengths.size + 1, -7, dtype=np.int64)
+        status = kernels.record_starts(lengths, mask, all_positions, token_starts, target_starts)
+        results.append((status, token_starts.tolist(), target_starts.tolist()))
+    assert results[0][0] == results[1][0]
+    if results[0][0] == npk.RECORD_STARTS_OK:
+        assert results[0] == results[1]
+    return results[0]
+
+
+@pytest.mark.parametrize("all_positions", [False, True])
+@pytest.mark.parametrize("records", [1, 2, 37])
+def test_record_starts_of_both_kernel_sets(records, all_positions):
+    lengths = RNG.integers(1, 60, records).astype(np.int32)
+    mask = (RNG.random(int(lengths.sum())) < 0.6).astype(np.uint8)
+    token_starts = np.concatenate([[0], np.cumsum(lengths)])
+    mask[token_starts[:-1]] = 0
+    if all_positions:
+        mask[:] = 1
+        mask[token_starts[:-1]] = 0
+    status, tokens, targets = _record_starts_both(lengths, mask, all_positions)
+    assert status == npk.RECORD_STARTS_OK
+    assert tokens == token_starts.tolist()
+    per_record = [int(mask[a + 1 : b].sum()) for a, b in zip(tokens[:-1], tokens[1:], strict=True)]
+    assert targets == np.concatenate([[0], np.cumsum(per_record)]).tolist()
+
+
+@pytest.mark.parametrize(
+    "lengths, mask, broken",
+    [
+        ([3, 0, 2], [0, 1, 1, 0, 1], npk.RECORD_STARTS_BAD_LENGTHS),  # an empty record
+        ([3, -1, 3], [0, 1, 1, 0, 1], npk.RECORD_STARTS_BAD_LENGTHS),
+        ([3, 3], [0, 1, 1, 0, 1], npk.RECORD_STARTS_BAD_LENGTHS),  # more tokens than T
+        ([2, 2], [0, 1, 1, 0, 1], npk.RECORD_STARTS_BAD_LENGTHS),  # fewer
+        ([2**31 - 1, 2**31 - 1, 4], [0] * 5, npk.RECORD_STARTS_BAD_LENGTHS),  # no wrap
+        ([3, 2], [0, 2, 1, 0, 1], npk.RECORD_STARTS_BAD_MASK),
+        ([3, 2], [0, 1, 1, 0, 255], npk.RECORD_STARTS_BAD_MASK),
+        ([3, 2], [0, 1, 1, 1, 1], npk.RECORD_STARTS_MASKED_FIRST),
+        ([3, 2], [1, 1, 1, 0, 1], npk.RECORD_STARTS_MASKED_FIRST),
+    ],
+)
+def test_record_starts_names_the_rule_a_chunk_breaks(lengths, mask, broken):
+    lengths = np.array(lengths, dtype=np.int32)
+    mask = np.array(mask, dtype=np.uint8)
+    for all_positions in (False, True):
+        assert _record_starts_both(lengths, mask, all_positions)[0] == broken
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ from tests.conftest import (
     make_records,
     write_cache,
 )
+from tests.test_decode_kernels import read_path  # noqa: F401 (fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -458,6 +459,45 @@ def expect_rejected(
     assert small_cache.manifest.shards[0].path in message
     if chunk is not None:
         assert f"chunk {chunk}" in message
+
+
+def _more_tokens(lengths):
+    lengths[0] += 1
+
+
+def _first_token_supervised(mask):
+    mask[0] = 1
+
+
+def _mask_of_two(mask):
+    mask[-1] = 2
+
+
+@pytest.mark.parametrize(
+    "column, damage, match",
+    [
+        ("record_lengths", _more_tokens, "record lengths do not add up"),
+        ("loss_mask", _first_token_supervised, "true at the first token of a record"),
+        ("loss_mask", _mask_of_two, "values other than 0 and 1"),
+    ],
+)
+@pytest.mark.usefixtures("read_path")
+def test_columns_breaking_the_rules_of_a_chunk(small_cache, column, damage, match):
+    """Checksums valid, a column's values not (spec section 4.2): refused on both kernel
+    sets, naming the shard, the chunk and the rule."""
+    with open_cache(small_cache.path) as cache:
+        shard = cache.shard_file(0)
+        values = shard._column(0, column).copy()
+    damage(values)
+    frame = shard.pipelines[column].encode(values)
+
+    def edit(footer, positions):
+        block = footer["chunks"][0]["blocks"][column]
+        block["offset"], block["length"] = positions[0]
+        block["checksum"] = block_checksum(frame)
+
+    rewrite_chunk0(small_cache, edit, extra_blocks=[frame])
+    expect_rejected(small_cache, match=match)
 
 
 @pytest.mark.parametrize("raw", [1 << 40, (2 << 30) + 4, 10**18])
