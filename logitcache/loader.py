@@ -98,6 +98,18 @@ class _CacheBacked:
     def positions(self) -> str:
         return self.cache.manifest.positions
 
+    def close(self) -> None:
+        """Close this process's cache: its read-ahead threads stop and its shards are
+        unmapped (records still held keep their map until they are gone). The dataset
+        stays usable: the next read opens the cache again."""
+        self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # More records than this per window only lengthens the permutations, not the mixing.
 MAX_SHUFFLE_WINDOW = 1 << 16

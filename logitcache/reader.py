@@ -110,28 +110,37 @@ class LogitCache:
         """
         stop = len(self) if stop is None else min(stop, len(self))
         with self.start_read_ahead(
-            lambda key: self.unpack_chunk(*key), self._chunk_keys(start, stop), read_ahead
+            lambda key: self.unpack_chunk(*key),
+            ((shard, chunk) for shard, chunk, _, _ in self._chunk_spans(start, stop)),
+            read_ahead,
         ) as ahead:
             self.expect_reading(stop - start)
-            index = start
-            while index < stop:
-                shard, chunk, offset = self.locate(index)
-                if offset == 0 and chunk == 0:
+            for shard, chunk, first, end in self._chunk_spans(start, stop):
+                if chunk == 0:
                     self._prefetch_after(shard)
+                self.shard_file(shard).prefault(chunk)
                 decoded = self._decoded(shard, chunk, unpacked=ahead.take((shard, chunk)))
-                count = len(decoded.token_starts) - 1
-                for i in range(offset, min(count, offset + stop - index)):
+                for i in range(first, end):
                     yield self._record(decoded, i)
-                index += count - offset
 
-    def _chunk_keys(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
-        """(shard, chunk) of each chunk that iter_records(start, stop) decodes, in order."""
+    def _chunk_spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """(shard, chunk, first, end) of each chunk that iter_records(start, stop) decodes,
+        in order: it yields that chunk's records first..end-1. Walks the chunks in order
+        rather than locating each one."""
+        if start >= stop:
+            return
+        shard, from_chunk, first = self.locate(start)
         index = start
         while index < stop:
-            shard, chunk, offset = self.locate(index)
-            yield shard, chunk
-            starts = self._chunk_starts[shard]
-            index += int(starts[chunk + 1] - starts[chunk]) - offset
+            starts = self._chunk_starts[shard].tolist()
+            for chunk in range(from_chunk, len(starts) - 1):
+                end = min(starts[chunk + 1] - starts[chunk], first + stop - index)
+                yield shard, chunk, first, end
+                index += end - first
+                first = 0
+                if index >= stop:
+                    return
+            shard, from_chunk = shard + 1, 0
 
     def start_read_ahead(self, unpack: Callable, keys: Iterable, depth: int) -> ReadAhead:
         """A ReadAhead over this cache's chunks (readahead.py) that close() stops before it

@@ -473,12 +473,22 @@ def _mask_of_two(mask):
     mask[-1] = 2
 
 
+def _sample_id_length_below_minus_one(lengths):
+    lengths[0] = -2
+
+
+def _sample_id_longer_than_its_bytes(lengths):
+    lengths[0] += 1
+
+
 @pytest.mark.parametrize(
     "column, damage, match",
     [
         ("record_lengths", _more_tokens, "record lengths do not add up"),
         ("loss_mask", _first_token_supervised, "true at the first token of a record"),
         ("loss_mask", _mask_of_two, "values other than 0 and 1"),
+        ("sample_id_lengths", _sample_id_length_below_minus_one, "sample_id length out of"),
+        ("sample_id_lengths", _sample_id_longer_than_its_bytes, "do not add up to its bytes"),
     ],
 )
 @pytest.mark.usefixtures("read_path")

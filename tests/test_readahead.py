@@ -327,6 +327,25 @@ def test_closing_a_datasets_cache_mid_epoch_stops_read_ahead_and_the_epoch_goes_
     _same_records(got, want)
 
 
+def test_a_closed_dataset_stops_read_ahead_and_reopens_its_cache_when_read(
+    shared_small_cache,
+):
+    url = str(shared_small_cache.path)
+    want = list(LogitCacheDataset(url, seed=4, shuffle_window=6, read_ahead=0))
+    with LogitCacheDataset(url, seed=4, shuffle_window=6, read_ahead=3) as ds:
+        it = iter(ds)
+        got = [next(it) for _ in range(5)]
+        first = ds.cache
+        ds.close()
+        assert not _readahead_threads()
+        got += list(it)
+        _same_records(got, want)
+        again = list(ds)
+        assert ds.cache is not first  # a new epoch opened the cache again
+    assert not _readahead_threads()  # the with block closed that one too
+    _same_records(again, want)
+
+
 def test_negative_read_ahead_is_refused(shared_small_cache):
     with pytest.raises(ValueError, match="read_ahead must be >= 0 chunks, got -1"):
         LogitCacheDataset(str(shared_small_cache.path), read_ahead=-1)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from logitcache import CorruptCacheError, open_cache
+from logitcache import shard as shard_module
 from logitcache.shard import ShardFile
 from tests.conftest import SMALL_K, assert_record_equal, make_records, write_cache
 
@@ -73,6 +74,55 @@ def test_iter_records_ranges(cache, shared_small_cache, start, stop):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert_record_equal(g, w, where=f"record {start + i}")
+
+
+def test_iter_records_every_range_across_chunks_and_shards(cache, shared_small_cache):
+    ids = [r["sample_id"] for r in shared_small_cache.records]
+    assert len(cache.manifest.shards) > 1
+    for start in range(len(ids) + 1):
+        for stop in range(start, len(ids) + 2):
+            got = [r.sample_id for r in cache.iter_records(start, stop)]
+            assert got == ids[start:stop], (start, stop)
+
+
+class _MadviseSpy:
+    """A shard's map that records madvise calls (start, length) and passes them on."""
+
+    def __init__(self, real: mmap.mmap):
+        self.real, self.calls = real, []
+
+    def madvise(self, option: int, start: int, length: int) -> None:
+        self.calls.append((start, length))
+        self.real.madvise(option, start, length)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.skipif(shard_module._POPULATE_READ is None, reason="no MADV_POPULATE_READ")
+def test_a_scan_maps_the_pages_ahead_in_few_calls(shared_small_cache, monkeypatch):
+    monkeypatch.setattr(shard_module, "PREFAULT_BYTES", 2000)
+    with open_cache(str(shared_small_cache.path)) as cache:
+        shard = cache.shard_file(0)
+        spy = shard._mmap = _MadviseSpy(shard._mmap)
+        for _ in cache.iter_records(0, int(cache.shard_starts[1])):
+            pass
+        assert 0 < len(spy.calls) < len(shard.chunks)  # a call per window, not per chunk
+        starts = [start for start, _ in spy.calls]
+        assert starts == sorted(starts) and starts[0] < mmap.PAGESIZE
+        assert all(start % mmap.PAGESIZE == 0 for start in starts)
+        last_start, last_length = spy.calls[-1]
+        assert last_start + last_length == shard.footer_start  # every chunk, not the footer
+        cache[0]  # a random read maps nothing ahead
+        assert len(spy.calls) == len(starts)
+
+
+def test_a_scan_goes_on_where_pages_cannot_be_mapped_ahead(shared_small_cache, monkeypatch):
+    monkeypatch.setattr(shard_module, "_POPULATE_READ", -12345)  # refused by any kernel
+    ids = [r["sample_id"] for r in shared_small_cache.records]
+    with open_cache(str(shared_small_cache.path)) as cache:
+        assert [r.sample_id for r in cache] == ids
+    assert shard_module._POPULATE_READ is None  # tried once, then left to page faults
 
 
 def test_iteration_decodes_each_chunk_once(shared_small_cache, monkeypatch):
