@@ -269,7 +269,7 @@ class ShardFile:
         self._entry = entry
         self._read_header()
         self.footer_start, footer = self._read_footer()
-        self._chunk_ends: list[int] | None = None  # end of each chunk's last block
+        self._chunk_bytes: list[tuple[int, int]] | None = None  # where each chunk lies
         self._prefaulted = HEADER_SIZE  # bytes below this are mapped (prefault)
         self._parse_footer(footer, entry)
 
@@ -280,13 +280,16 @@ class ShardFile:
         global _POPULATE_READ
         if _POPULATE_READ is None:
             return
-        if self._chunk_ends is None:
-            blocks = self.chunks.blocks
-            self._chunk_ends = (blocks[:, :, 0] + blocks[:, :, 1]).max(axis=1).tolist()
-        end = self._chunk_ends[index]
+        if self._chunk_bytes is None:
+            offsets, lengths = self.chunks.blocks[:, :, 0], self.chunks.blocks[:, :, 1]
+            first = np.where(offsets >= 0, offsets, self.footer_start).min(axis=1).tolist()
+            last = (offsets + lengths).max(axis=1).tolist()
+            self._chunk_bytes = list(zip(first, last, strict=True))
+        begin, end = self._chunk_bytes[index]
         if end <= self._prefaulted:
             return
-        start = self._prefaulted // mmap.PAGESIZE * mmap.PAGESIZE
+        # From the chunk on, not the start of the file, for a scan that starts mid-shard.
+        start = max(begin, self._prefaulted) // mmap.PAGESIZE * mmap.PAGESIZE
         stop = min(end + PREFAULT_BYTES, self.footer_start)
         try:
             self._mmap.madvise(_POPULATE_READ, start, stop - start)

@@ -14,7 +14,13 @@ import pytest
 from logitcache import CorruptCacheError, open_cache
 from logitcache import shard as shard_module
 from logitcache.shard import ShardFile
-from tests.conftest import SMALL_K, assert_record_equal, make_records, write_cache
+from tests.conftest import (
+    SMALL_K,
+    SMALL_VOCAB,
+    assert_record_equal,
+    make_records,
+    write_cache,
+)
 
 
 @pytest.fixture
@@ -115,6 +121,24 @@ def test_a_scan_maps_the_pages_ahead_in_few_calls(shared_small_cache, monkeypatc
         assert last_start + last_length == shard.footer_start  # every chunk, not the footer
         cache[0]  # a random read maps nothing ahead
         assert len(spy.calls) == len(starts)
+
+
+@pytest.mark.skipif(shard_module._POPULATE_READ is None, reason="no MADV_POPULATE_READ")
+def test_a_scan_from_the_middle_of_a_shard_maps_pages_from_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(shard_module, "PREFAULT_BYTES", 2000)
+    records = make_records(60, seed=5)
+    write_cache(str(tmp_path / "c"), records, k=SMALL_K, vocab_size=SMALL_VOCAB, chunk_bytes=1500)
+    with open_cache(str(tmp_path / "c")) as cache:
+        shard = cache.shard_file(0)
+        spy = shard._mmap = _MadviseSpy(shard._mmap)
+        middle = len(shard.chunks) // 2
+        offset = int(shard.chunks.blocks[middle, :, 0].max())
+        assert offset > 2 * mmap.PAGESIZE
+        first = int(cache._chunk_starts[0][middle])
+        got = next(cache.iter_records(first, first + 1))
+        assert got.sample_id == records[first]["sample_id"]
+        start, length = spy.calls[0]
+        assert offset - mmap.PAGESIZE - 1500 < start <= offset < start + length
 
 
 def test_a_scan_goes_on_where_pages_cannot_be_mapped_ahead(shared_small_cache, monkeypatch):
