@@ -72,10 +72,12 @@ def _exp_table() -> np.ndarray:
     return _EXP_TABLE
 
 
-# Decoded bytes after which a chunk is closed. A random read decodes a whole chunk, so small
-# chunks make single reads cheap: at 256 KiB a chunk holds one record of ~1,000 tokens (K=100)
-# or a few short ones; files are ~1.7% larger than with 2 MiB chunks (more zstd frames and
-# footer entries). Measured by benchmarks/bench_loader.py.
+# Decoded bytes after which a chunk is closed. A random read unzips and checksums its whole
+# chunk (then decodes its record's rows), so small chunks make single reads cheap: at 256 KiB
+# a chunk holds one record of ~1,000 tokens (K=100) or a few short ones; files are ~0.3%
+# larger than with 2 MiB chunks (more zstd frames and footer entries) and a full scan about
+# 10% slower (more chunks to set up).
+# Measured by benchmarks/bench_loader.py and bench_scan_anatomy.py.
 DEFAULT_CHUNK_BYTES = 256 << 10
 
 
