@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 # for the pass after it. bench_loader's full scan includes the difference.
 PREFAULT_BYTES = 16 << 20
 # MADV_POPULATE_READ (Linux 5.14+); None where there is no such call.
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 def checksum_hex(data) -> str:
