@@ -96,10 +96,12 @@ def append_block(body: bytearray, data: bytes) -> tuple[int, int]:
     return offset, len(data)
 
 
-def write_shard(path: Path, body: bytes, footer: dict) -> None:
-    """Write a shard whose footer checksum and trailer are valid for `footer`."""
+def write_shard(path: Path, body: bytes, footer: dict | bytes) -> None:
+    """Write a shard whose footer checksum and trailer are valid for `footer` (an object,
+    or the footer's exact bytes)."""
     body = bytes(body) + b"\0" * (-len(body) % BLOCK_ALIGN)
-    data = json.dumps(footer, separators=(",", ":")).encode()
+    data = footer if isinstance(footer, bytes) else json.dumps(footer, separators=(",", ":"))
+    data = data if isinstance(data, bytes) else data.encode()
     trailer = struct.pack("<QQ8s", len(data), xxhash.xxh3_64_intdigest(data), b"LGCSHARD")
     path.write_bytes(body + data + trailer)
 

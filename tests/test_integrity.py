@@ -14,7 +14,7 @@ from logitcache import CacheError, CacheWriter, CorruptCacheError, open_cache
 from logitcache.codecs import CodecError, Pipeline
 from logitcache.format import MANIFEST_NAME
 from logitcache.manifest import Manifest
-from logitcache.sealed_json import seal
+from logitcache.sealed_json import seal, strict_loads
 from tests.conftest import SMALL_K, SMALL_VOCAB, make_records
 from tests.test_faults import (
     append_block,
@@ -144,6 +144,73 @@ def test_a_1_1_footer_without_its_path_is_refused(small_cache):
     resync_manifest(small_cache)
     with pytest.raises(CorruptCacheError, match="'path' is missing"):
         read_all(small_cache.path)
+
+
+def _footer_text(footer: dict) -> str:
+    return json.dumps(footer, separators=(",", ":"))
+
+
+def _repeat_in_block(footer: dict) -> str:
+    # The block's "length" again, first with another value: the parse would keep the last.
+    text = _footer_text(footer)
+    return text.replace('"length":', '"length":1,"length":', 1)
+
+
+def _repeat_at_the_top(footer: dict) -> str:
+    return _footer_text(footer).replace("{", '{"k":999999,', 1)
+
+
+def _repeat_with_a_colon_in_a_string(footer: dict) -> str:
+    # A colon inside a string adds one to the count a dropped member takes away.
+    return _repeat_in_block({**footer, "note": "a:b"})
+
+
+@pytest.mark.parametrize(
+    "rewrite", [_repeat_in_block, _repeat_at_the_top, _repeat_with_a_colon_in_a_string]
+)
+def test_a_footer_with_a_repeated_name_is_refused(small_cache, rewrite):
+    path = small_cache.shard_path(0)
+    body, footer = split_shard(path)
+    write_shard(path, body, rewrite(footer).encode())
+    resync_manifest(small_cache)
+    name = small_cache.manifest.shards[0].path
+    with pytest.raises(CorruptCacheError, match=f"shard {name}.*duplicate key"):
+        read_all(small_cache.path)
+
+
+@pytest.mark.parametrize("extra", [{"note": "a:b"}, {"note": {"nested": [{"x": 1}]}}])
+def test_a_footer_with_colons_in_strings_or_unknown_objects_still_reads(small_cache, extra):
+    """Footers the quick duplicate check cannot vouch for are parsed with the full check."""
+    path = small_cache.shard_path(0)
+    body, footer = split_shard(path)
+    write_shard(path, body, {**footer, **extra})
+    resync_manifest(small_cache)
+    got = read_all(small_cache.path)
+    assert [r.sample_id for r in got] == [r["sample_id"] for r in small_cache.records]
+
+
+def test_strict_loads_with_a_member_count_finds_every_repeated_name():
+    docs = [
+        '{"a":1,"a":2}',
+        '{"a":{"b":1,"b":1}}',
+        '[{"x":"1:2"},{"y":3,"y":3}]',
+        '{"a":"::","b":{"c":[{"d":1,"d":2}]}}',
+    ]
+
+    def everything(obj) -> int:
+        if isinstance(obj, dict):
+            return len(obj) + sum(everything(v) for v in obj.values())
+        if isinstance(obj, list):
+            return sum(everything(v) for v in obj)
+        return 0
+
+    for doc in docs:
+        for members in (everything, lambda obj: 0, None):
+            with pytest.raises(CorruptCacheError, match="duplicate key"):
+                strict_loads(doc.encode(), source="doc", members=members)
+    clean = '{"a":"x:y","b":[{"c":1}],"d":{"e":null}}'
+    for members in (everything, lambda obj: 0, None):
+        assert strict_loads(clean.encode(), source="doc", members=members) == json.loads(clean)
 
 
 def test_bytes_after_a_zstd_frame_are_refused(small_cache):
