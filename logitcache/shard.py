@@ -83,24 +83,30 @@ def footer_members(footer) -> int:
     count = len(footer)
     columns = footer.get("columns")
     if type(columns) is dict:
-        count += len(columns)
-        for spec in columns.values():
-            if type(spec) is dict:
-                count += len(spec)
-                codecs = spec.get("codecs")
-                if type(codecs) is list:
-                    count += sum(len(c) for c in codecs if type(c) is dict)
+        count += len(columns) + _entry_members(columns.values(), "codecs")
     chunks = footer.get("chunks")
     if type(chunks) is list:
-        for chunk in chunks:
-            if type(chunk) is dict:
-                count += len(chunk)
-                blocks = chunk.get("blocks")
-                if type(blocks) is dict:
-                    count += len(blocks)
-                    for block in blocks.values():
-                        if type(block) is dict:
-                            count += len(block)
+        count += _entry_members(chunks, "blocks")
+    return count
+
+
+def _entry_members(entries, inner: str) -> int:
+    """Members of each object among `entries`, of the object or list under its `inner` key,
+    and of the objects that one holds."""
+    count = 0
+    for entry in entries:
+        if type(entry) is not dict:
+            continue
+        count += len(entry)
+        held = entry.get(inner)
+        if type(held) is dict:
+            count += len(held)
+            held = held.values()
+        elif type(held) is not list:
+            continue
+        for item in held:
+            if type(item) is dict:
+                count += len(item)
     return count
 
 
