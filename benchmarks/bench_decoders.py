@@ -1,14 +1,18 @@
-"""The read path's two decoder sets, numpy and numba, on the same blocks, and what loading
-numba costs a fresh process: the figures behind codecs.JIT_AFTER_BYTES.
+"""The read path's decoder sets, numpy, numba and the compiled ones (logitcache.compiled), on
+the same blocks, and what loading numba or the compiled module costs a fresh process: the
+figures behind codecs.JIT_AFTER_BYTES and behind building the compiled decoders.
 
 Blocks: the topk_ids and topk_logprobs columns of synthetic teacher rows (K=100,
 V=128256, the benchmark rows of bench_loader) in default 256 KiB chunks, zstd already undone,
 so each figure is the decoder stage alone. Per value: nanoseconds per id or per logprob,
 medians of --repeats. Load: seconds from `import numpy` to the first numba decode in a fresh
 process (import numba, import the kernels, load their machine code from numba's cache),
-median of --repeats processes. Break-even: the bytes a process must pass through the
-decoders (8 per id-logprob pair, as codecs.read_kernels counts them) before numpy's extra time
-equals the load.
+median of --repeats processes, less the same process decoding with numpy (the imports of
+numpy and logitcache, which every reader pays). Break-even: the bytes a process must pass
+through the decoders (8 per id-logprob pair, as codecs.read_kernels counts them) before
+numpy's extra time equals the load. The compiled decoders are measured when `make kernels`
+has built them for this machine (their load: finding the module for this CPU and source,
+loading it, one decode).
 
 Run: .venv/bin/python benchmarks/bench_decoders.py  (a few seconds; results/bench_decoders.json)
 """
@@ -41,6 +45,11 @@ out = np.empty(64, dtype=np.uint8)
 jit.byte_unshuffle(np.zeros(64, dtype=np.uint8), 2, out)
 print(time.perf_counter() - t0)
 """
+LOAD_COMPILED = LOAD.replace("codecs.kernels()", "codecs.compiled_kernels()")
+LOAD_NONE = LOAD.replace("jit = codecs.kernels()", "").replace(  # the imports, then numpy
+    "jit.byte_unshuffle(np.zeros(64, dtype=np.uint8), 2, out)",
+    "codecs._numpy_kernels.byte_unshuffle(np.zeros(64, dtype=np.uint8), 2)",
+)
 
 
 def stage_inputs(chunks: int, rows: int) -> tuple[list, list]:
@@ -89,6 +98,11 @@ def _ids_size(encoded: np.ndarray) -> int:
     return 4 * n
 
 
+def _fresh_process_seconds(code: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=64)
@@ -100,7 +114,15 @@ def main() -> None:
     ids_in, lp_in = stage_inputs(args.chunks, args.rows)
     values = args.chunks * args.rows * K
     results, rows = {}, []
-    for label, choice in (("numpy", lambda n: None), ("numba", lambda n: numba_kernels)):
+    from logitcache import compiled
+
+    compiled_kernels = compiled.load()
+    choices = [("numpy", lambda n: None), ("numba", lambda n: numba_kernels)]
+    if compiled_kernels is not None:
+        choices.append(("compiled", lambda n: compiled_kernels))
+    else:
+        print("compiled decoders not built (make kernels): measuring numpy and numba only")
+    for label, choice in choices:
         ids, logprobs = decoders(choice)
         ids(ids_in[:2])
         logprobs(lp_in[:2])  # compiled and warm
@@ -114,13 +136,15 @@ def main() -> None:
             [label, results[label]["ids_ns_per_value"], results[label]["logprobs_ns_per_value"]]
         )
     codecs.read_kernels = original
-    loads = []
+    loads, compiled_loads, imports = [], [], []
     for _ in range(args.repeats):
-        out = subprocess.run(
-            [sys.executable, "-c", LOAD], capture_output=True, text=True, check=True
-        )
-        loads.append(float(out.stdout))
-    load_s = statistics.median(loads)
+        imports.append(_fresh_process_seconds(LOAD_NONE))
+        loads.append(_fresh_process_seconds(LOAD))
+        if compiled_kernels is not None:
+            compiled_loads.append(_fresh_process_seconds(LOAD_COMPILED))
+    # What each kernel set adds to a process that imports numpy and logitcache anyway.
+    base_s = statistics.median(imports)
+    load_s = statistics.median(loads) - base_s
     per_pair = {m: r["ids_ns_per_value"] + r["logprobs_ns_per_value"] for m, r in results.items()}
     saved_per_byte = (per_pair["numpy"] - per_pair["numba"]) * 1e-9 / DECODED_BYTES_PER_PAIR
     break_even = load_s / saved_per_byte
@@ -131,6 +155,14 @@ def main() -> None:
         f"break-even after {break_even / 2**30:.2f} GiB through the decoders "
         f"(JIT_AFTER_BYTES = {codecs.JIT_AFTER_BYTES / 2**30:.2f} GiB)"
     )
+    if compiled_kernels is not None:
+        print(
+            f"compiled {per_pair['compiled']:.2f} ns per pair "
+            f"({per_pair['numpy'] / per_pair['compiled']:.2f}x numpy, "
+            f"{per_pair['numba'] / per_pair['compiled']:.2f}x numba); loading them "
+            f"{(statistics.median(compiled_loads) - base_s) * 1e3:.1f} ms (imports "
+            f"{base_s:.3f} s, counted in neither)"
+        )
     path = write_results(
         "bench_decoders",
         {
@@ -145,6 +177,12 @@ def main() -> None:
             "numba_load_s_runs": loads,
             "break_even_bytes": break_even,
             "jit_after_bytes": codecs.JIT_AFTER_BYTES,
+            "imports_s": base_s,
+            "imports_s_runs": imports,
+            "compiled_load_s": (
+                statistics.median(compiled_loads) - base_s if compiled_loads else None
+            ),
+            "compiled_load_s_runs": compiled_loads,
         },
     )
     print(f"wrote {path}")

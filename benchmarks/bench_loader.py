@@ -1,9 +1,11 @@
 """logitcache against its peers as a KD data loader: size, random access, scans, DataLoader
 throughput, time to first batch and peak memory, every tool measured in the same run.
 
-Tools: logitcache (this checkout, default writer settings), logitcache@main (the code of git
-ref --baseline, by default the `main` branch, reading a cache with 2 MiB chunks: the "before"
-of a comparison; the results record its commit),
+Tools: logitcache (this checkout, default writer settings, with the decoders compiled for this
+machine by `make kernels` when built: the results record whether they were), logitcache-jit
+(the same cache and code with them turned off: numpy, then numba), logitcache@main (the code
+of git ref --baseline, by default the `main` branch, reading a cache with 2 MiB chunks: the
+"before" of a comparison; the results record its commit),
 MosaicML streaming MDS raw and with zstd, HF datasets (Arrow on disk), Parquet (pyarrow, zstd,
 byte stream split, 64-record row groups) and Lance. The peers are installed by `make
 bench-deps` (benchmarks/constraints-bench.txt); `make test` does not need them.
@@ -95,6 +97,7 @@ def prepare(work: str, records: int, tools: list[str]) -> dict[str, str]:
     paths = {tool: os.path.join(work, tool.replace("@", "-")) for tool in tools}
     paths["parquet"] = os.path.join(work, "records.parquet")
     source = paths["logitcache"] = os.path.join(work, "logitcache")
+    paths["logitcache-jit"] = source  # the same cache, read without the compiled decoders
     marker = os.path.join(work, "records.json")
     if _read_json(marker) != {"records": records}:
         shutil.rmtree(source, ignore_errors=True)
@@ -109,7 +112,7 @@ def prepare(work: str, records: int, tools: list[str]) -> dict[str, str]:
         print(f"logitcache cache written in {time.perf_counter() - t0:.0f} s", flush=True)
     for tool in tools:
         path = paths[tool]
-        if tool == "logitcache" or os.path.exists(path + ".done"):
+        if tool in ("logitcache", "logitcache-jit") or os.path.exists(path + ".done"):
             continue
         t0 = time.perf_counter()
         shutil.rmtree(path, ignore_errors=True)
@@ -179,6 +182,8 @@ def measure(tools, paths, args, main_src) -> tuple[dict, list]:
         order = tools[rnd % len(tools) :] + tools[: rnd % len(tools)]
         for tool in order:
             env = {"LOGITCACHE_SRC": main_src} if tool == "logitcache@main" else {}
+            if tool == "logitcache-jit":
+                env = {"LOGITCACHE_COMPILED_KERNELS": "0"}
             common = ["measure", "--tool", tool, "--path", paths[tool], "--seed", str(rnd)]
             got: dict[str, float] = {}
             loads.append(_load())
@@ -306,6 +311,10 @@ def main() -> None:
         m = cache.manifest
         targets, n_records = m.targets, m.records
     sizes = {t: disk_bytes(paths[t]) for t in tools}
+    from logitcache import compiled
+
+    compiled_module = compiled.load()  # what the `logitcache` rows decode with
+    print(f"compiled decoders: {compiled_module.path if compiled_module else 'not built'}")
     print(f"{n_records} records, {targets:,} targets, load {_load():.1f}", flush=True)
 
     runs, loads = measure(tools, paths, args, main_src)
@@ -341,6 +350,7 @@ def main() -> None:
             "records": n_records,
             "targets": targets,
             "baseline": {"ref": args.baseline, "commit": baseline},
+            "compiled_decoders": str(compiled_module.path) if compiled_module else None,
             "k": K,
             "vocab_size": VOCAB,
             "batch_size": args.batch_size,

@@ -38,7 +38,16 @@ K = 100
 VOCAB = 128256
 MIN_TOKENS, MAX_TOKENS = 128, 2048
 BLOCK = 64  # records per read block of the block-shuffled peers (a Parquet row group)
-TOOLS = ("logitcache", "logitcache@main", "mds", "mds-zstd", "hf-arrow", "parquet", "lance")
+TOOLS = (
+    "logitcache",
+    "logitcache-jit",
+    "logitcache@main",
+    "mds",
+    "mds-zstd",
+    "hf-arrow",
+    "parquet",
+    "lance",
+)
 
 
 # -- the data set ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The `logitcache` command line: inspect, verify, convert, merge and ensemble caches.
+"""The `logitcache` command line: inspect, verify, convert, merge and ensemble caches, and
+compile the read path's decoders for this machine.
 
 This module only parses arguments and calls library functions. Exit status: 0 ok, 1 a problem
 was found (or an error stopped the command), 2 a usage error.
@@ -357,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_store_options(p)
+
+    p = sub.add_parser(
+        "kernels",
+        help="compile the read path's decoders for this machine (faster reads, no numba load)",
+        description="build: compile the decoders ahead of time for this CPU and Python (a few "
+        "seconds, needs a C compiler) into DIR, where every later process loads them in well "
+        "under a millisecond and decodes at numba's speed from its first byte. status: say "
+        "whether they are built for this machine and in use (exit status 1 when not). "
+        "LOGITCACHE_COMPILED_KERNELS=0 turns them off for a process.",
+    )
+    p.add_argument("action", choices=["build", "status"])
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where compiled modules are kept (default $LOGITCACHE_KERNELS_DIR, else "
+        "$XDG_CACHE_HOME/logitcache/kernels, else ~/.cache/logitcache/kernels)",
+    )
+    p.add_argument("--force", action="store_true", help="build again even when already built")
+    p.add_argument("--json", action="store_true", help="print JSON: {path, built, enabled}")
     return parser
 
 
@@ -531,12 +551,42 @@ def cmd_ensemble(args) -> int:
     return EXIT_OK
 
 
+def cmd_kernels(args) -> int:
+    import time
+    from pathlib import Path
+
+    from . import compiled
+
+    directory = Path(args.dir) if args.dir else None
+    path = compiled.module_path(directory)
+    if args.action == "build":
+        fresh = args.force or not path.exists()
+        start = time.perf_counter()
+        try:
+            path = compiled.build(directory, force=args.force)
+        except compiled.CompiledKernelsError as e:
+            print(f"logitcache kernels: error: {e}", file=sys.stderr)
+            return EXIT_PROBLEM
+        if not args.json:
+            took = f"built in {time.perf_counter() - start:.1f} s" if fresh else "already built"
+            print(f"compiled decoders for this machine: {path} ({took})")
+    built, enabled = path.exists(), compiled.enabled()
+    if args.json:
+        print(json.dumps({"path": str(path), "built": built, "enabled": enabled}))
+    elif args.action == "status":
+        state = "built" if built else "not built (run `logitcache kernels build`)"
+        off = "" if enabled else f"; turned off by {compiled.ENV_SWITCH}"
+        print(f"compiled decoders for this machine: {path}: {state}{off}")
+    return EXIT_OK if built and enabled else EXIT_PROBLEM
+
+
 COMMANDS = {
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "convert": cmd_convert,
     "merge": cmd_merge,
     "ensemble": cmd_ensemble,
+    "kernels": cmd_kernels,
 }
 
 

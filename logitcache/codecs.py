@@ -30,13 +30,18 @@ _KERNELS = None
 
 # The read path decodes with numpy until a process has passed this many bytes through its
 # decoders, then loads numba, whose kernels take half the time. Loading numba costs a process
-# about 0.25 s of CPU: most of the time to a first batch or of a short evaluation. numpy spends
-# about 0.14 ns a byte more (8 bytes counted per id and logprob), so by about 1.7 GiB it has
-# spent what loading costs (benchmarks/bench_decoders.py measures both): switching near the
-# break-even never costs more than about twice the best choice made in hindsight. Output is
-# bit-identical either way.
+# about 0.2 s of CPU beyond its imports: most of the time to a first batch or of a short
+# evaluation. numpy spends about 0.13 ns a byte more (8 bytes counted per id and logprob), so
+# by 1.3-1.7 GiB it has spent what loading costs (benchmarks/bench_decoders.py measures both,
+# fresh processes; the spread is between runs): switching near the
+# break-even never costs more than about twice the best choice made in hindsight. None of this
+# applies once `logitcache kernels build` has compiled the decoders for this machine
+# (compiled.py): those load in well under a millisecond and are used from the first byte.
+# Output is bit-identical whichever kernels decode.
 JIT_AFTER_BYTES = 2 << 30
 _numpy_decoded = 0
+_COMPILED = None
+_compiled_looked = False
 
 
 def kernels():
@@ -55,18 +60,42 @@ def kernels():
 DECODED_BYTES_PER_PAIR = 8
 
 
+def compiled_kernels():
+    """This machine's decoders compiled ahead of time (compiled.py), looked for once per
+    process: None when they are not built or are turned off."""
+    global _COMPILED, _compiled_looked
+    if not _compiled_looked:
+        from . import compiled
+
+        _COMPILED = compiled.load()
+        _compiled_looked = True
+    return _COMPILED
+
+
+def decode_kernels():
+    """Kernels for the decoders that numpy has no twin of: the compiled ones when built, else
+    numba's."""
+    return compiled_kernels() or kernels()
+
+
 def expect_decoding(nbytes: int) -> None:
     """Load numba now if a job about to pass `nbytes` through the decoders will cross
     JIT_AFTER_BYTES: a scan known to be long pays the load up front and decodes all of itself
-    with the faster kernels, rather than most of itself with numpy first."""
-    if _KERNELS is None and _numpy_decoded + nbytes >= JIT_AFTER_BYTES:
+    with the faster kernels, rather than most of itself with numpy first. Nothing to load
+    when the compiled kernels are built."""
+    crossing = _numpy_decoded + nbytes >= JIT_AFTER_BYTES
+    if crossing and _KERNELS is None and compiled_kernels() is None:
         kernels()
 
 
 def read_kernels(nbytes: int):
-    """The numba kernels for decoding `nbytes` more, or None to decode them with numpy: numba
-    once it is loaded (by a writer, say) or once this process has decoded JIT_AFTER_BYTES."""
+    """The kernels for decoding `nbytes` more, or None to decode them with numpy: the
+    compiled ones when built; else numba's once it is loaded (by a writer, say) or once this
+    process has decoded JIT_AFTER_BYTES."""
     global _numpy_decoded
+    compiled = _COMPILED if _compiled_looked else compiled_kernels()
+    if compiled is not None:
+        return compiled
     if _KERNELS is None:
         _numpy_decoded += nbytes
         if _numpy_decoded < JIT_AFTER_BYTES:
@@ -396,7 +425,9 @@ class ByteBitShuffle(Codec):
                 status = jit.byte_bit_unshuffle(buf, 4, 2, out)
         else:
             out = np.zeros(decoded_size, dtype=np.uint8)
-            status = kernels().byte_bit_unshuffle(buf, self.elementsize, self.byte_planes, out)
+            status = decode_kernels().byte_bit_unshuffle(
+                buf, self.elementsize, self.byte_planes, out
+            )
         if status != 0:
             raise CodecError("byte_bit_shuffle: a padding bit is set")
         return out
@@ -472,7 +503,7 @@ class Int32Delta(Codec):
         if buf.size % 4:
             raise CodecError("int_delta: size is not a multiple of 4")
         out = np.empty(buf.size // 4, dtype=np.int32)
-        kernels().int32_delta_decode(aligned_view(buf, np.int32), out)
+        decode_kernels().int32_delta_decode(aligned_view(buf, np.int32), out)
         return out.view(np.uint8)
 
 
@@ -492,7 +523,7 @@ class Varint(Codec):
 
     def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
         out = np.empty(decoded_size // 4, dtype=np.uint32)
-        count = kernels().varint_decode(buf, out)
+        count = decode_kernels().varint_decode(buf, out)
         if count < 0:
             raise CodecError("varint: malformed or truncated data")
         self._check_size(count * 4, decoded_size, exact)
@@ -947,7 +978,7 @@ class Fp16Grid(Codec):
         self._check_size(buf.size // 2, decoded_size, exact)
         grid_bits, _ = grid_tables(self.step)
         out = np.empty(buf.size // 4, dtype=np.uint16)
-        if kernels().fp16_grid_decode(
+        if decode_kernels().fp16_grid_decode(
             aligned_view(buf, np.uint32), self.row_length, grid_bits, out
         ):
             raise CodecError("fp16_grid: a grid index or key difference is out of range")

@@ -35,6 +35,10 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "logitcache"))
 
+# Tests choose which kernels decode: the compiled decoders this machine may have built
+# (logitcache.compiled) stay off, in subprocesses too, unless a test builds its own.
+os.environ["LOGITCACHE_COMPILED_KERNELS"] = "0"
+
 # The small cache most tests read: several chunks per shard and several shards.
 SMALL_K = 8
 SMALL_VOCAB = 1000
@@ -145,3 +149,13 @@ def shared_small_cache(tmp_path_factory: pytest.TempPathFactory) -> SmallCache:
 @pytest.fixture
 def records_factory() -> Callable[..., list[dict[str, Any]]]:
     return make_records
+
+
+@pytest.fixture(scope="session")
+def compiled_decoders(tmp_path_factory: pytest.TempPathFactory):
+    """The decoders compiled ahead of time for this machine, built once per session into a
+    temporary directory (a few seconds), loaded whatever LOGITCACHE_COMPILED_KERNELS says."""
+    from logitcache import compiled
+
+    path = compiled.build(tmp_path_factory.mktemp("compiled-kernels"))
+    return compiled._load_file(path)

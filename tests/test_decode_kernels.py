@@ -21,12 +21,15 @@ from logitcache.writer import DEFAULT_CHUNK_BYTES
 RNG = np.random.default_rng(15)
 
 
-@pytest.fixture(params=["numpy", "numba"])
+@pytest.fixture(params=["numpy", "numba", "compiled"])
 def read_path(request, monkeypatch) -> str:
-    """Codecs decode with the numpy kernels, or with numba's."""
+    """Codecs decode with the numpy kernels, numba's, or the compiled ones."""
     numba = codecs.kernels()  # encoders use it either way
-    chosen = None if request.param == "numpy" else numba
+    chosen = {"numpy": None, "numba": numba}.get(request.param)
+    if request.param == "compiled":
+        chosen = request.getfixturevalue("compiled_decoders")
     monkeypatch.setattr(codecs, "read_kernels", lambda nbytes: chosen)
+    monkeypatch.setattr(codecs, "decode_kernels", lambda: chosen or numba)
     monkeypatch.setattr(shard, "read_kernels", lambda nbytes: chosen)  # record_starts
     return request.param
 
