@@ -21,9 +21,10 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 # A depth that rides out one slow chunk and holds little memory (a default chunk unpacks to
-# about 0.5 MB), for callers that turn read-ahead on. It is off by default: on a 2-core VM the
-# hand-offs of the GIL between the two threads cost more than the second core gave back in
-# some runs (benchmarks/bench_readahead.py measures it on and off, fresh processes).
+# about 0.5 MB), for callers that turn read-ahead on. It is off by default: on a 2-core VM it
+# made scans slower (0.91x with the compiled decoders, 0.79x before them), although two threads
+# do unzip twice as fast as one there, and a GIL switch interval 50x shorter changed nothing
+# (benchmarks/bench_readahead.py measures it on and off, fresh processes).
 SUGGESTED_DEPTH = 4
 
 
