@@ -1,10 +1,10 @@
 """Read-ahead on and off: a full scan and a shuffled stream, each in fresh processes.
 
-`iter_records()` and `LogitCacheDataset` checksum and unzip the next chunks on a background
-thread (logitcache.readahead). This runs each case with read_ahead=0 and with the default,
-alternating in interleaved rounds, each run in a new interpreter (numba loading included, as
-a user's job pays it), and reports median wall and CPU seconds and their ratio. Writes
-results/bench_readahead.json.
+`iter_records()` and `LogitCacheDataset` decode the next chunks on background threads
+(logitcache.readahead; scans by default on 2 cores or more). This runs each case with
+read_ahead=0 and with --depth (default: what a scan uses here), alternating in interleaved
+rounds, each run in a new interpreter (loading the kernels included, as a user's job pays it),
+and reports median wall and CPU seconds and their ratio. Writes results/bench_readahead.json.
 
     python bench_readahead.py                       # a synthetic cache, written first
     python bench_readahead.py --cache /path/to/cache
@@ -23,7 +23,7 @@ import tempfile
 
 from common import REPO_ROOT, format_table, write_results
 
-from logitcache.readahead import SUGGESTED_DEPTH
+from logitcache.readahead import scan_read_ahead
 
 RUN = """
 import json, sys, time
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=1500, help="records of the written cache")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument(
-        "--depth", type=int, default=SUGGESTED_DEPTH, help="read-ahead depth to compare"
+        "--depth", type=int, default=scan_read_ahead() or 4, help="read-ahead depth to compare"
     )
     args = parser.parse_args(argv)
     if args.depth < 1 or args.repeats < 1:

@@ -10,9 +10,9 @@ pay that rest more often in a scan.
 This writes the same records (bench_loader's data) at both chunk sizes, then measures in one
 process, numba loaded, page cache warm, interleaved rounds, medians:
 
-  scan       iter_records() over every record, shards already open
+  scan       iter_records(read_ahead=0) over every record, shards already open
   C floor    xxh3 of every block and zstd of every block that ends in it, nothing else
-  decoders   Pipeline.finish of every block's unzipped bytes (ShardFile.unpack_chunk's output)
+  decoders   Pipeline.finish of every block's unzipped bytes (Pipeline.unpack's output)
 
 and reports rest = scan - C floor - decoders, per chunk. Writes results/bench_scan_anatomy.json.
 
@@ -73,7 +73,7 @@ def _scan(url: str) -> tuple[float, int]:
         for s in range(len(cache.manifest.shards)):
             cache.shard_file(s)  # opening is not part of the scan measured here
         start, targets = time.perf_counter(), 0
-        for record in cache.iter_records():
+        for record in cache.iter_records(read_ahead=0):  # one thread: the work, not overlap
             targets += record.topk_ids.shape[0]
         return time.perf_counter() - start, targets
 
@@ -96,15 +96,11 @@ def _c_floor(url: str) -> float:
 def _decoders(url: str) -> float:
     spent = 0.0
     with open_cache(url) as cache:
-        for s in range(len(cache.manifest.shards)):
-            shard = cache.shard_file(s)
-            for chunk in range(len(shard.chunks)):
-                unpacked = shard.unpack_chunk(chunk)
-                start = time.perf_counter()
-                for name, buf in unpacked.items():
-                    raw = int(shard.chunks.blocks[chunk, COLUMN_INDEX[name], 2])
-                    shard.pipelines[name].finish(buf, raw)
-                spent += time.perf_counter() - start
+        for pipeline, data, raw in _blocks(cache):
+            unzipped = pipeline.unpack(data, raw)
+            start = time.perf_counter()
+            pipeline.finish(unzipped, raw)
+            spent += time.perf_counter() - start
     return spent
 
 

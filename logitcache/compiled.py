@@ -6,7 +6,8 @@ never reach the fast kernels, and a long scan pays the load. `logitcache kernels
 compiles the decoders of _kernels.py (DECODERS, the same source) once per machine with
 numba.pycc into a native module for this CPU. That module imports only numpy and loads in
 well under a millisecond, and codecs.read_kernels uses it from a process's first byte.
-Output is bit-identical to both other kernel sets (tests/test_decode_kernels.py).
+Output is bit-identical to both other kernel sets (tests/test_decode_kernels.py), and like
+numba's kernels they release the GIL, so read-ahead threads decode in parallel.
 
 The module lives in $LOGITCACHE_KERNELS_DIR, else $XDG_CACHE_HOME/logitcache/kernels, else
 ~/.cache/logitcache/kernels. Its file name carries a key over the kernels' source, the
@@ -53,6 +54,9 @@ DECODERS: dict[str, tuple[str, tuple]] = {
     "varint_decode": ("i8", (_U1, _U4)),
     "fp16_grid_decode": ("i8", (_U4, int, _U2, _U2)),
 }
+
+# How _pycc_options compiles them (part of the key: a module built otherwise is not loaded).
+BUILD_OPTIONS = "host features, nogil"
 
 # Lines of /proc/cpuinfo that name the CPU and the instructions it has (x86 and ARM).
 _CPU_FIELDS = (
@@ -111,6 +115,7 @@ def module_key() -> str:
             sorted((n, r, [_type_code(a) for a in args]) for n, (r, args) in DECODERS.items())
         ).encode()
     )
+    h.update(BUILD_OPTIONS.encode())
     h.update(sys.implementation.cache_tag.encode())
     h.update(platform.machine().encode())
     h.update(cpu_identity().encode())
@@ -257,7 +262,7 @@ def build(directory: Path | None = None, *, force: bool = False) -> Path:
         for name in DECODERS:
             cc.export(name, _signature(name))(getattr(_kernels, name).py_func)
         try:
-            with warnings.catch_warnings(), _features_of_this_cpu():
+            with warnings.catch_warnings(), _pycc_options():
                 warnings.simplefilter("ignore")
                 cc.compile()
         except Exception as e:  # compiler or linker missing or failing
@@ -272,24 +277,38 @@ def build(directory: Path | None = None, *, force: bool = False) -> Path:
 
 
 @contextmanager
-def _features_of_this_cpu():
-    """pycc's "host" names this CPU's model and lets the model imply the instruction set, but
-    a virtual machine can hide instructions its model has. While this is entered, pycc
-    compiles for the features the CPU reports instead, as numba's JIT does."""
+def _pycc_options():
+    """While entered, pycc compiles as numba's JIT does for the kernels (_kernels._JIT):
+
+    - for the instruction set this CPU reports: pycc's "host" names the CPU's model and lets
+      the model imply its instructions, but a virtual machine can hide some of them;
+    - releasing the GIL inside each kernel (nogil), so that read-ahead threads decode in
+      parallel (readahead.py).
+    """
     from numba.core import codegen
+    from numba.pycc import compiler
 
     aot = codegen.AOTCPUCodegen
-    original = getattr(aot, "_customize_tm_features", None)
-    if original is None:  # another numba: refuse rather than guess what it compiles for
+    original_features = getattr(aot, "_customize_tm_features", None)
+    original_flags = getattr(compiler, "Flags", None)
+    if original_features is None or original_flags is None:  # another numba: do not guess
         raise CompiledKernelsError(
             f"numba {numba_version()} compiles ahead of time in a way this logitcache does "
             "not know; reads fall back to numpy and numba"
         )
+
+    class NoGilFlags(original_flags):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.release_gil = True
+
     aot._customize_tm_features = lambda self: codegen.get_host_cpu_features()
+    compiler.Flags = NoGilFlags
     try:
         yield
     finally:
-        aot._customize_tm_features = original
+        aot._customize_tm_features = original_features
+        compiler.Flags = original_flags
 
 
 def numba_version() -> str:

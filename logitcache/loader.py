@@ -149,10 +149,10 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
     with DataLoader workers, holds the epoch and how many samples each worker had handed out;
     `load_state_dict()` continues exactly there without reading what was consumed.
 
-    Read-ahead: with `read_ahead` > 0, each process checksums and unzips that many of the
-    chunks it will decode next on a background thread (logitcache.readahead; off by default,
-    worth trying with a core to spare). Order, records and resume points are the same either
-    way.
+    Read-ahead: with `read_ahead` > 0, each process decodes that many of the chunks it will
+    need next on background threads (logitcache.readahead; off by default: DataLoader
+    workers already use a core each, but worth it without workers and with cores to spare).
+    Order, records and resume points are the same either way.
     """
 
     def __init__(
@@ -281,7 +281,7 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
         seq = self._sequence(epoch)
         table = seq.table
         ahead = cache.start_read_ahead(
-            lambda c: cache.unpack_chunk(int(table.shard[c]), int(table.chunk[c])),
+            lambda c: cache.decoded_chunk(int(table.shard[c]), int(table.chunk[c])),
             self._decode_order(self._windows(seq, epoch, num_workers, worker, skip)),
             self.read_ahead,
         )
@@ -305,7 +305,7 @@ class LogitCacheDataset(_CacheBacked, IterableDataset):
                     records = decoded.get(c)
                     if records is None:
                         records = cache.read_chunk(
-                            int(table.shard[c]), int(table.chunk[c]), unpacked=ahead.take(c)
+                            int(table.shard[c]), int(table.chunk[c]), decoded=ahead.take(c)
                         )
                         decoded[c] = records
                     remaining[c] -= 1

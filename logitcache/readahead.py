@@ -1,16 +1,19 @@
-"""Read-ahead for scans: the chunks after the one in hand are unpacked on a second thread.
+"""Read-ahead: the chunks after the one in hand are decoded on background threads.
 
-About half of decoding a chunk is checksumming its blocks and undoing their zstd stage, and
-both run in C without the GIL (xxhash and python-zstandard release it). A reader that knows
-which chunks come next hands those to one background thread (ShardFile.unpack_chunk) while
-its own thread runs the decoders and checks of the chunk before: on a machine with a core to
-spare, a scan can use it (`read_ahead=` on iter_records and LogitCacheDataset; off by
-default, see SUGGESTED_DEPTH). Results are the same bytes either way, and a corrupt block
-raises the same error, naming shard, chunk and column, when its chunk is taken.
+Most of decoding a chunk runs without the GIL: undoing zstd (python-zstandard releases it) and
+the decoders (numba's kernels and the compiled ones release it too). A reader that knows which
+chunks come next hands them to a few threads that decode them whole while its own thread
+hands out the records of the chunk before. On 2 cores two threads scan 1.5x as fast as
+one (benchmarks/bench_readahead.py). Scans (iter_records) read ahead by default when the
+process may use more than one core (scan_read_ahead); the streaming dataset only when asked
+(`read_ahead=`): DataLoader workers are already one process per core. Results are the same
+bytes either way, and a corrupt block raises the same error, naming shard, chunk and column,
+when its chunk is taken.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
@@ -20,34 +23,57 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-# A depth that rides out one slow chunk and holds little memory (a default chunk unpacks to
-# about 0.5 MB), for callers that turn read-ahead on. It is off by default: on a 2-core VM it
-# made scans slower (0.91x with the compiled decoders, 0.79x before them), although two threads
-# do unzip twice as fast as one there, and a GIL switch interval 50x shorter changed nothing
-# (benchmarks/bench_readahead.py measures it on and off, fresh processes).
-SUGGESTED_DEPTH = 4
+# Chunks decoded ahead per thread: enough to ride out one slow chunk, little memory (a default
+# chunk decodes to about 0.5 MB). Two threads use two cores; more threads would mostly wait
+# for the GIL, which the Python part of each chunk holds.
+DEPTH_PER_THREAD = 2
+MAX_THREADS = 2
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
+def threads_for(depth: int) -> int:
+    """Decoding threads for a read-ahead of `depth` chunks: at most MAX_THREADS, and at most
+    one per usable core (one thread still overlaps decoding with the reader's own work)."""
+    return max(1, min(MAX_THREADS, usable_cpus(), depth)) if depth else 0
+
+
+def scan_read_ahead() -> int:
+    """The depth a scan reads ahead with by default: 0 on a single core, where threads only
+    take turns."""
+    threads = min(MAX_THREADS, usable_cpus())
+    return DEPTH_PER_THREAD * threads if threads > 1 else 0
 
 
 class ReadAhead(Generic[K, V]):
-    """`unpack(key)` for each of `keys` in order, up to `depth` keys ahead of the one taken.
+    """`work(key)` for each of `keys` in order on `threads_for(depth)` threads, up to `depth`
+    keys ahead of the one taken.
 
     `take(key)` must name the keys in the order given; it waits for that key's result (or
     re-raises its error) and starts the next. With depth 0 nothing runs in the background and
-    `take` returns None: the caller decodes the whole chunk itself. `close` drops what is not
-    yet taken and stops the thread, from any thread; `take` then returns None, so a scan whose
+    `take` returns None: the caller decodes the chunk itself. `close` drops what is not yet
+    taken and stops the threads, from any thread; `take` then returns None, so a scan whose
     cache was closed under it goes on decoding by itself. Use it as a context manager so a
-    scan stopped early stops its thread.
+    scan stopped early stops its threads.
     """
 
-    def __init__(self, unpack: Callable[[K], V], keys: Iterable[K], depth: int):
+    def __init__(self, work: Callable[[K], V], keys: Iterable[K], depth: int):
         if depth < 0:
             raise ValueError(f"read-ahead depth must be >= 0, got {depth}")
-        self._unpack = unpack
+        self._work = work
         self._lock = threading.Lock()  # take and close may run on different threads
         self._keys = iter(keys) if depth else iter(())
         self._pending: deque[tuple[K, Future]] = deque()
         self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="logitcache-readahead") if depth else None
+            ThreadPoolExecutor(threads_for(depth), thread_name_prefix="logitcache-readahead")
+            if depth
+            else None
         )
         for _ in range(depth):
             if not self._submit_next():
@@ -57,7 +83,7 @@ class ReadAhead(Generic[K, V]):
         key = next(self._keys, None)
         if key is None:
             return False
-        self._pending.append((key, self._executor.submit(self._unpack, key)))
+        self._pending.append((key, self._executor.submit(self._work, key)))
         return True
 
     def pending(self) -> list[K]:
@@ -83,7 +109,7 @@ class ReadAhead(Generic[K, V]):
                 future.cancel()
             self._pending.clear()
         if executor is not None:
-            executor.shutdown(wait=True)  # outside the lock: the running unpack may finish
+            executor.shutdown(wait=True)  # outside the lock: running work may finish
 
     def __enter__(self) -> ReadAhead[K, V]:
         return self

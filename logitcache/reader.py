@@ -17,8 +17,8 @@ import xxhash
 from .codecs import DECODED_BYTES_PER_PAIR, expect_decoding
 from .format import MANIFEST_NAME, CacheError, CorruptCacheError, Record
 from .manifest import Manifest, read_manifest
-from .readahead import ReadAhead
-from .shard import DecodedChunk, ShardFile, Unpacked
+from .readahead import ReadAhead, scan_read_ahead
+from .shard import DecodedChunk, ShardFile
 from .storage import open_store
 
 
@@ -95,31 +95,42 @@ class LogitCache:
         shard, chunk, offset = self.locate(index)
         return self._record(self._decoded(shard, chunk, rows_on_demand=True), offset)
 
-    def read_chunk(self, shard: int, chunk: int, unpacked: Unpacked = None) -> list[Record]:
-        """The records of one chunk (`unpacked`: its unpack_chunk() from a read-ahead)."""
-        decoded = self._decoded(shard, chunk, unpacked=unpacked)
+    def read_chunk(
+        self, shard: int, chunk: int, decoded: DecodedChunk | None = None
+    ) -> list[Record]:
+        """The records of one chunk (`decoded`: its decoded_chunk() from a read-ahead)."""
+        if decoded is None:
+            decoded = self._decoded(shard, chunk)
         return [self._record(decoded, i) for i in range(len(decoded.token_starts) - 1)]
 
     def iter_records(
-        self, start: int = 0, stop: int | None = None, *, read_ahead: int = 0
+        self, start: int = 0, stop: int | None = None, *, read_ahead: int | None = None
     ) -> Iterator[Record]:
         """Records start..stop-1 in order, decoding each chunk once and prefetching shards.
 
-        With `read_ahead` > 0, that many chunks ahead are checksummed and unzipped on a
-        background thread while this one decodes (readahead.py; off by default).
+        `read_ahead` chunks ahead are decoded on background threads while this one hands out
+        records (readahead.py). By default a scan reads 4 ahead on 2 threads where the
+        process may use 2 cores or more, and none on one core; 0 turns it off.
         """
         stop = len(self) if stop is None else min(stop, len(self))
+        depth = scan_read_ahead() if read_ahead is None else read_ahead
+        if stop - start <= 1:
+            depth = 0  # one chunk at most: nothing to overlap
         with self.start_read_ahead(
-            lambda key: self.unpack_chunk(*key),
+            lambda key: self._decoded(*key),
             ((shard, chunk) for shard, chunk, _, _ in self._chunk_spans(start, stop)),
-            read_ahead,
+            depth,
         ) as ahead:
             self.expect_reading(stop - start)
             for shard, chunk, first, end in self._chunk_spans(start, stop):
                 if chunk == 0:
                     self._prefetch_after(shard)
-                self.shard_file(shard).prefault(chunk)
-                decoded = self._decoded(shard, chunk, unpacked=ahead.take((shard, chunk)))
+                decoded = ahead.take((shard, chunk))
+                if decoded is None:
+                    # Decoding here: map the pages from this chunk on in windows first.
+                    # Read-ahead threads fault them in instead: madvise holds the GIL.
+                    self.shard_file(shard).prefault(chunk)
+                    decoded = self._decoded(shard, chunk)
                 for i in range(first, end):
                     yield self._record(decoded, i)
 
@@ -151,10 +162,10 @@ class LogitCache:
                 self._read_aheads.add(ahead)
         return ahead
 
-    def unpack_chunk(self, shard: int, chunk: int) -> Unpacked:
-        """The chunk's blocks checksummed and unzipped (ShardFile.unpack_chunk), for a
-        read-ahead thread to hand to read_chunk."""
-        return self.shard_file(shard).unpack_chunk(chunk)
+    def decoded_chunk(self, shard: int, chunk: int) -> DecodedChunk:
+        """One chunk decoded whole (from the LRU when it holds it), for a read-ahead thread
+        to hand to read_chunk."""
+        return self._decoded(shard, chunk)
 
     def __iter__(self) -> Iterator[Record]:
         return self.iter_records()
@@ -185,21 +196,16 @@ class LogitCache:
                     )
             return opened
 
-    def _decoded(
-        self, shard: int, chunk: int, rows_on_demand: bool = False, unpacked: Unpacked = None
-    ) -> DecodedChunk:
+    def _decoded(self, shard: int, chunk: int, rows_on_demand: bool = False) -> DecodedChunk:
         """The chunk from the LRU, or decoded (with `rows_on_demand`, its teacher rows are
-        decoded a record at a time: a random read pays for its record, not its chunk;
-        `unpacked` is the chunk's ShardFile.unpack_chunk() from a read-ahead thread)."""
+        decoded a record at a time: a random read pays for its record, not its chunk)."""
         key = (shard, chunk)
         with self._lock:
             decoded = self._chunks.get(key)
             if decoded is not None:
                 self._chunks.move_to_end(key)
                 return decoded
-        decoded = self.shard_file(shard).decode_chunk(
-            chunk, rows_on_demand=rows_on_demand, unpacked=unpacked
-        )
+        decoded = self.shard_file(shard).decode_chunk(chunk, rows_on_demand=rows_on_demand)
         with self._lock:
             self._chunks[key] = decoded
             while len(self._chunks) > self._chunk_cache_size:

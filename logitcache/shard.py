@@ -13,7 +13,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,10 +274,6 @@ class DecodedChunk:
     topk_logprobs: np.ndarray | StagedBlock  # [n, K] float16 when decoded
     sample_ids: list[str | None] | None
     rows: Callable[[int, int], tuple[np.ndarray, np.ndarray]]  # (topk_ids, logprobs) of rows
-
-
-# A chunk's blocks after ShardFile.unpack_chunk, by column name (None: not unpacked yet).
-Unpacked = Mapping[str, np.ndarray] | None
 
 
 class ShardFile:
@@ -556,46 +552,22 @@ class ShardFile:
                         raise CorruptCacheError(problem)
         return self.chunks.blocks[index].tolist()
 
-    def unpack_chunk(self, index: int) -> dict[str, np.ndarray]:
-        """Each of the chunk's blocks with its checksum verified and its zstd stage undone
-        (Pipeline.unpack): the part of decoding that runs in C without the GIL, which a
-        scan's read-ahead thread does for the chunks after the one being decoded."""
-        unpacked = {}
-        for name, (offset, length, raw) in zip(
-            COLUMN_INDEX, self._verified_blocks(index), strict=True
-        ):
-            if offset >= 0:
-                try:
-                    unpacked[name] = self.pipelines[name].unpack(
-                        self.buf[offset : offset + length], raw
-                    )
-                except CodecError as exc:
-                    self._fail(f"column {name}: {exc}", index)
-        return unpacked
-
-    def _column(
-        self, index: int, name: str, blocks: list | None = None, unpacked: Unpacked = None
-    ) -> np.ndarray:
+    def _column(self, index: int, name: str, blocks: list | None = None) -> np.ndarray:
         """A column of the chunk decoded whole (`blocks`: its _verified_blocks)."""
         if blocks is None:
             blocks = self._verified_blocks(index)
         offset, length, raw = blocks[COLUMN_INDEX[name]]
         try:
-            if unpacked is None:
-                buf = self.pipelines[name].decode_bytes(self.buf[offset : offset + length], raw)
-            else:
-                buf = self.pipelines[name].finish(unpacked[name], raw)
+            buf = self.pipelines[name].decode_bytes(self.buf[offset : offset + length], raw)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
         return aligned_view(buf, COLUMN_DTYPES[name])
 
-    def _teacher_column(
-        self, index: int, name: str, n: int, blocks: list, staged: bool, unpacked: Unpacked
-    ):
+    def _teacher_column(self, index: int, name: str, n: int, blocks: list, staged: bool):
         """A teacher column as [n, K] (ids checked against the vocabulary), or with
         `staged` and a pipeline that decodes by rows, a StagedBlock of it."""
         dtype = COLUMN_DTYPES[name]
-        if staged and unpacked is None:
+        if staged:
             offset, length, raw = blocks[COLUMN_INDEX[name]]
             try:
                 block = self.pipelines[name].stage(
@@ -605,7 +577,7 @@ class ShardFile:
                 self._fail(f"column {name}: {exc}", index)
             if block is not None:
                 return block
-        values = self._column(index, name, blocks, unpacked).reshape(n, self.k)
+        values = self._column(index, name, blocks).reshape(n, self.k)
         if name == COL_TOPK_IDS:
             self._check_ids(index, name, values)
         return values
@@ -631,19 +603,16 @@ class ShardFile:
         values.flags.writeable = False
         return values
 
-    def decode_chunk(
-        self, index: int, rows_on_demand: bool = False, unpacked: Unpacked = None
-    ) -> DecodedChunk:
+    def decode_chunk(self, index: int, rows_on_demand: bool = False) -> DecodedChunk:
         """Decode and check one chunk; every offset is validated before it is used.
 
         With `rows_on_demand` the teacher columns are decoded a record's rows at a time by
         the result's `rows` (a random read decodes one record's rows, not all of them).
-        `unpacked` is this chunk's unpack_chunk(), when a read-ahead thread has made it.
         """
         r, t, n = self.chunks.counts[index].tolist()
         blocks = self._verified_blocks(index)
-        lengths = self._column(index, COL_RECORD_LENGTHS, blocks, unpacked)
-        mask_u8 = self._column(index, COL_LOSS_MASK, blocks, unpacked)
+        lengths = self._column(index, COL_RECORD_LENGTHS, blocks)
+        mask_u8 = self._column(index, COL_LOSS_MASK, blocks)
         # Their sizes are r and t: raw_length was checked against the counts (spec 4.2).
         token_starts = np.empty(r + 1, dtype=np.int64)
         target_starts = np.empty(r + 1, dtype=np.int64)
@@ -656,15 +625,13 @@ class ShardFile:
         if target_starts[-1] != n:
             self._fail(f"loss_mask selects {target_starts[-1]} targets, footer says {n}", index)
         loss_mask = mask_u8.view(np.bool_)
-        input_ids = self._column(index, COL_INPUT_IDS, blocks, unpacked)
+        input_ids = self._column(index, COL_INPUT_IDS, blocks)
         self._check_ids(index, COL_INPUT_IDS, input_ids)
-        topk_logprobs = self._teacher_column(
-            index, COL_TOPK_LOGPROBS, n, blocks, rows_on_demand, unpacked
-        )
-        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, blocks, rows_on_demand, unpacked)
+        topk_logprobs = self._teacher_column(index, COL_TOPK_LOGPROBS, n, blocks, rows_on_demand)
+        topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, blocks, rows_on_demand)
         sample_ids = None
         if self.chunks.has(index, COL_SAMPLE_ID_LENGTHS):
-            sample_ids = self._sample_ids(index, r, blocks, unpacked)
+            sample_ids = self._sample_ids(index, r, blocks)
         for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
             if isinstance(array, np.ndarray):
                 array.flags.writeable = False
@@ -686,11 +653,11 @@ class ShardFile:
             rows,
         )
 
-    def _sample_ids(self, index: int, r: int, blocks: list, unpacked: Unpacked) -> list[str | None]:
+    def _sample_ids(self, index: int, r: int, blocks: list) -> list[str | None]:
         # Checked as Python ints: a chunk holds a few records, where each numpy call would
         # cost more than the whole list.
-        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS, blocks, unpacked).tolist()
-        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES, blocks, unpacked).tobytes()
+        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS, blocks).tolist()
+        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES, blocks).tobytes()
         if min(sid_lengths) < -1 or max(sid_lengths) > MAX_SAMPLE_ID_BYTES:
             self._fail("sample_id length out of range", index)
         if sum(length for length in sid_lengths if length > 0) != len(sid_bytes):

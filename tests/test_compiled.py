@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +335,30 @@ def test_kernels_command_reports(compiled_decoders, tmp_path):
     assert empty.returncode == 1 and "not built (run `logitcache kernels build`)" in empty.stdout
     off = _cli("status", "--dir", directory, env={compiled.ENV_SWITCH: "0"})
     assert off.returncode == 1 and "turned off by LOGITCACHE_COMPILED_KERNELS" in off.stdout
+
+
+def test_compiled_kernels_release_the_gil(compiled_decoders):
+    # Read-ahead threads decode in parallel only if a kernel lets other threads run. With the
+    # GIL held, another thread could run at most one switch interval (5 ms) after the call
+    # starts or before it ends; so it must also run in the middle of a ~40 ms call.
+    deltas = np.zeros(80_000_000, dtype=np.uint16)
+    out = np.empty_like(deltas)
+    stamps: list[float] = []
+    started, done = threading.Event(), threading.Event()
+
+    def count():
+        started.set()
+        while not done.is_set():
+            stamps.append(time.perf_counter())
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    started.wait()
+    t0 = time.perf_counter()
+    compiled_decoders.fp16_key_delta_decode(deltas, 100, out)
+    t1 = time.perf_counter()
+    done.set()
+    counter.join()
+    assert t1 - t0 > 0.02, "the call was too short to tell"
+    middle = [t for t in stamps if t0 + 0.4 * (t1 - t0) < t < t0 + 0.6 * (t1 - t0)]
+    assert middle

@@ -149,15 +149,15 @@ def test_resume_does_not_reread_consumed_records(cache_url):
 
     resumed = LogitCacheDataset(cache_url, seed=2, shuffle_window=16)
     resumed.load_state_dict(state)
-    decoded = []
+    reread = []
     read_chunk = resumed.cache.read_chunk
-    resumed.cache.read_chunk = lambda s, c, unpacked=None: (
-        decoded.extend(read_chunk(s, c, unpacked)) or read_chunk(s, c)
+    resumed.cache.read_chunk = lambda s, c, decoded=None: (
+        reread.extend(read_chunk(s, c, decoded)) or read_chunk(s, c)
     )
     tail = list(resumed)
     assert [r.sample_id for r in head + tail] == [r.sample_id for r in full]
     max_chunk = max(max(s.chunk_records) for s in resumed.cache.manifest.shards)
-    assert len(decoded) <= len(tail) + 16 + 2 * max_chunk < N_RECORDS
+    assert len(reread) <= len(tail) + 16 + 2 * max_chunk < N_RECORDS
 
 
 def test_mismatched_state_is_refused_with_the_field(cache_url):

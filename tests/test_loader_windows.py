@@ -47,9 +47,9 @@ def watched(monkeypatch):
     state = {"decodes": 0, "alive": weakref.WeakSet()}
     original = LogitCache.read_chunk
 
-    def read_chunk(self, shard, chunk, unpacked=None):
+    def read_chunk(self, shard, chunk, decoded=None):
         state["decodes"] += 1
-        out = _Chunk(original(self, shard, chunk, unpacked))
+        out = _Chunk(original(self, shard, chunk, decoded))
         state["alive"].add(out)
         return out
 

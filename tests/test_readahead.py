@@ -1,8 +1,9 @@
-"""Read-ahead: chunks unpacked on a background thread give the same records and errors as none.
+"""Read-ahead: chunks decoded on background threads give the same records and errors as none.
 
 Covers the ReadAhead queue itself, Pipeline.unpack/finish against decode_bytes for every
-pipeline a writer makes, iter_records and the streaming dataset with read-ahead on and off
-(local and memory:// stores), and a corrupt block met by the read-ahead thread.
+pipeline a writer makes, iter_records (read-ahead by default on two cores or more) and the
+streaming dataset with read-ahead on and off (local and memory:// stores), and a corrupt block
+met by a read-ahead thread.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uuid
 import numpy as np
 import pytest
 
-from logitcache import open_cache
+from logitcache import open_cache, readahead
 from logitcache.codecs import (
     Pipeline,
     default_pipeline_configs,
@@ -41,17 +42,17 @@ def _same_records(got, want) -> None:
 
 
 # -- the queue ---------------------------------------------------------------------------
-def test_keys_are_unpacked_in_order_and_never_more_than_depth_ahead():
+def test_keys_are_worked_in_order_and_never_more_than_depth_ahead():
     taken, started = [], []
     lock = threading.Lock()
 
-    def unpack(key):
+    def work(key):
         with lock:
             started.append(key)
             lead = key - len(taken)  # how far ahead of the key being taken
         return key * 10, lead
 
-    with ReadAhead(unpack, range(20), depth=3) as ahead:
+    with ReadAhead(work, range(20), depth=3) as ahead:
         for key in range(20):
             value, lead = ahead.take(key)
             with lock:
@@ -63,10 +64,10 @@ def test_keys_are_unpacked_in_order_and_never_more_than_depth_ahead():
 
 
 def test_depth_zero_runs_nothing_and_returns_none():
-    def unpack(key):
-        raise AssertionError("depth 0 must not unpack")
+    def work(key):
+        raise AssertionError("depth 0 must not work")
 
-    with ReadAhead(unpack, range(5), depth=0) as ahead:
+    with ReadAhead(work, range(5), depth=0) as ahead:
         assert ahead.take(0) is None and ahead.take(3) is None
         assert ahead.pending() == []
 
@@ -85,13 +86,13 @@ def test_negative_depth_is_refused():
 
 
 def test_an_error_surfaces_when_its_key_is_taken_not_before():
-    def unpack(key):
+    def work(key):
         if key == 2:
             raise CorruptCacheError(f"chunk {key} is bad")
         return key
 
-    with ReadAhead(unpack, range(4), depth=4) as ahead:
-        time.sleep(0.05)  # every key has been unpacked by now
+    with ReadAhead(work, range(4), depth=4) as ahead:
+        time.sleep(0.05)  # every key has been worked by now
         assert ahead.take(0) == 0 and ahead.take(1) == 1
         with pytest.raises(CorruptCacheError, match="chunk 2 is bad"):
             ahead.take(2)
@@ -101,12 +102,12 @@ def test_close_drops_what_is_pending_and_stops_the_thread():
     release = threading.Event()
     ran = []
 
-    def unpack(key):
+    def work(key):
         ran.append(key)
         release.wait(5)
         return key
 
-    ahead = ReadAhead(unpack, range(100), depth=8)
+    ahead = ReadAhead(work, range(100), depth=8)
     assert _readahead_threads()
     release.set()
     ahead.close()
@@ -117,12 +118,12 @@ def test_close_drops_what_is_pending_and_stops_the_thread():
 def test_close_from_another_thread_lets_a_waiting_take_finish_and_later_takes_return_none():
     started, release = threading.Event(), threading.Event()
 
-    def unpack(key):
+    def work(key):
         started.set()
         release.wait(5)
         return key
 
-    ahead = ReadAhead(unpack, range(10), depth=2)
+    ahead = ReadAhead(work, range(10), depth=2)
     started.wait(5)
     results = []
     taker = threading.Thread(target=lambda: results.append(ahead.take(0)))
@@ -194,21 +195,16 @@ def test_partial_scans_with_read_ahead_match_partial_scans_without(shared_small_
     _same_records(got, want)
 
 
-def test_read_ahead_unpacks_each_chunk_the_scan_decodes_once_and_in_order(
+def test_read_ahead_decodes_each_chunk_of_the_scan_once_on_its_threads(
     shared_small_cache, monkeypatch
 ):
-    unpacked, decoded = [], []
-    original_unpack, original_decoded = LogitCache.unpack_chunk, LogitCache._decoded
+    decoded = []
+    original = LogitCache._decoded
 
-    def unpack(self, shard, chunk):
-        unpacked.append((shard, chunk))
-        return original_unpack(self, shard, chunk)
+    def spy_decoded(self, shard, chunk, rows_on_demand=False):
+        decoded.append((shard, chunk, threading.current_thread().name))
+        return original(self, shard, chunk, rows_on_demand)
 
-    def spy_decoded(self, shard, chunk, rows_on_demand=False, unpacked=None):
-        decoded.append((shard, chunk, unpacked is not None))
-        return original_decoded(self, shard, chunk, rows_on_demand, unpacked)
-
-    monkeypatch.setattr(LogitCache, "unpack_chunk", unpack)
     monkeypatch.setattr(LogitCache, "_decoded", spy_decoded)
     with open_cache(str(shared_small_cache.path)) as cache:
         list(cache.iter_records(read_ahead=2))
@@ -217,8 +213,31 @@ def test_read_ahead_unpacks_each_chunk_the_scan_decodes_once_and_in_order(
         for s, entry in enumerate(shared_small_cache.manifest.shards)
         for c in range(len(entry.chunk_records))
     ]
-    assert unpacked == chunks
-    assert decoded == [(s, c, True) for s, c in chunks]
+    assert sorted((s, c) for s, c, _ in decoded) == chunks  # each once
+    assert all(name.startswith("logitcache-readahead") for _, _, name in decoded)
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 0), (2, 2), (16, 2)])
+def test_scans_read_ahead_by_default_with_a_core_to_spare(
+    shared_small_cache, monkeypatch, cpus, threads
+):
+    monkeypatch.setattr(readahead, "usable_cpus", lambda: cpus)
+    assert readahead.scan_read_ahead() == readahead.DEPTH_PER_THREAD * threads
+    with open_cache(str(shared_small_cache.path)) as cache:
+        scan = cache.iter_records()
+        first = next(scan)
+        assert len(_readahead_threads()) == threads
+        got = [first, *scan]
+    assert not _readahead_threads()
+    for i, (record, want) in enumerate(zip(got, shared_small_cache.records, strict=True)):
+        assert_record_equal(record, want, f"record {i}")
+
+
+def test_threads_follow_the_depth_and_the_cores(monkeypatch):
+    monkeypatch.setattr(readahead, "usable_cpus", lambda: 8)
+    assert [readahead.threads_for(d) for d in (0, 1, 2, 4, 9)] == [0, 1, 2, 2, 2]
+    monkeypatch.setattr(readahead, "usable_cpus", lambda: 1)
+    assert [readahead.threads_for(d) for d in (0, 1, 4)] == [0, 1, 1]
 
 
 def test_a_scan_stopped_early_stops_its_read_ahead(shared_small_cache):
@@ -275,28 +294,26 @@ def test_dataset_with_read_ahead_streams_the_same_records(shared_small_cache, wi
     assert not _readahead_threads()
 
 
-def test_dataset_read_ahead_unpacks_what_it_decodes_in_decode_order(
-    shared_small_cache, monkeypatch
-):
-    unpacked, decoded = [], []
-    original_unpack, original_read = LogitCache.unpack_chunk, LogitCache.read_chunk
+def test_dataset_read_ahead_decodes_what_it_reads(shared_small_cache, monkeypatch):
+    worked, read = [], []
+    original_decoded, original_read = LogitCache.decoded_chunk, LogitCache.read_chunk
 
-    def unpack(self, shard, chunk):
-        unpacked.append((shard, chunk))
-        return original_unpack(self, shard, chunk)
+    def decoded_chunk(self, shard, chunk):
+        worked.append((shard, chunk))
+        return original_decoded(self, shard, chunk)
 
-    def read_chunk(self, shard, chunk, unpacked=None):
-        assert unpacked is not None
-        decoded.append((shard, chunk))
-        return original_read(self, shard, chunk, unpacked)
+    def read_chunk(self, shard, chunk, decoded=None):
+        assert decoded is not None  # made by a read-ahead thread
+        read.append((shard, chunk))
+        return original_read(self, shard, chunk, decoded)
 
-    monkeypatch.setattr(LogitCache, "unpack_chunk", unpack)
+    monkeypatch.setattr(LogitCache, "decoded_chunk", decoded_chunk)
     monkeypatch.setattr(LogitCache, "read_chunk", read_chunk)
     ds = LogitCacheDataset(str(shared_small_cache.path), seed=1, shuffle_window=5, read_ahead=2)
     assert len(list(ds)) == len(shared_small_cache.records)
-    assert unpacked == decoded
-    # Windows of 5 records cut chunks: some chunks are decoded (and unpacked) in two windows.
-    assert len(decoded) > sum(len(s.chunk_records) for s in shared_small_cache.manifest.shards)
+    assert sorted(worked) == sorted(read)
+    # Windows of 5 records cut chunks: some chunks are decoded in two windows.
+    assert len(read) > sum(len(s.chunk_records) for s in shared_small_cache.manifest.shards)
 
 
 def test_dataset_resumes_to_the_same_records_with_read_ahead(shared_small_cache):
