@@ -11,9 +11,10 @@ numba's kernels they release the GIL, so read-ahead threads decode in parallel.
 
 The module lives in $LOGITCACHE_KERNELS_DIR, else $XDG_CACHE_HOME/logitcache/kernels, else
 ~/.cache/logitcache/kernels. Its file name carries a key over the kernels' source, the
-signatures below, the Python ABI and this CPU (model and feature flags). An edited kernel,
-another interpreter, or another machine sharing the home directory therefore never loads a
-module built for something else: code built for one CPU's instructions can crash another.
+signatures below, the Python and numpy ABIs and this CPU (model and feature flags). An edited
+kernel, another interpreter, or another machine sharing the home directory therefore never
+loads a module built for something else: code built for one CPU's instructions can crash
+another.
 LOGITCACHE_COMPILED_KERNELS=0 turns the module off for a process.
 
 Compiled functions check nothing about their arguments: a wrong dtype or a strided view reads
@@ -93,7 +94,7 @@ def cpu_identity() -> str:
     """This CPU's model and feature flags: what code compiled for "host" depends on."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            first = f.read().split("\n\n", 1)[0]  # one processor's block
+            first = f.read(1 << 14).split("\n\n", 1)[0]  # the first processor's block
     except OSError:
         first = ""
     lines = [ln for ln in first.splitlines() if ln.split(":", 1)[0].strip() in _CPU_FIELDS]
@@ -117,6 +118,7 @@ def module_key() -> str:
     )
     h.update(BUILD_OPTIONS.encode())
     h.update(sys.implementation.cache_tag.encode())
+    h.update(np.__version__.split(".")[0].encode())  # numpy's C ABI changes with its major
     h.update(platform.machine().encode())
     h.update(cpu_identity().encode())
     return h.hexdigest()[:16]

@@ -172,6 +172,9 @@ def test_the_module_is_found_only_for_its_cpu_source_and_signatures(compiled_dec
         m.setattr(compiled, "cpu_identity", lambda: "model name: other\nflags: sse2")
         assert compiled.module_path(directory) != compiled_decoders.path
         assert compiled.load(directory) is None
+    with monkeypatch.context() as m:  # numpy of another C ABI
+        m.setattr(np, "__version__", "99.0.0")
+        assert compiled.load(directory) is None
     with monkeypatch.context() as m:  # a kernel's signature changed
         m.setitem(compiled.DECODERS, "varint_decode", ("i8", (np.uint8, np.uint64)))
         assert compiled.load(directory) is None
