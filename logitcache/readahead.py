@@ -3,12 +3,12 @@
 Most of decoding a chunk runs without the GIL: undoing zstd (python-zstandard releases it) and
 the decoders (numba's kernels and the compiled ones release it too). A reader that knows which
 chunks come next hands them to a few threads that decode them whole while its own thread
-hands out the records of the chunk before. On 2 cores two threads scan 1.5x as fast as
-one (benchmarks/bench_readahead.py). Scans (iter_records) read ahead by default when the
-process may use more than one core (scan_read_ahead); the streaming dataset only when asked
-(`read_ahead=`): DataLoader workers are already one process per core. Results are the same
-bytes either way, and a corrupt block raises the same error, naming shard, chunk and column,
-when its chunk is taken.
+hands out the records of the chunk before. On 2 cores two threads made scans 1.29x as fast
+(the median of benchmarks/bench_readahead.py's rounds; single rounds 0.94x to 1.38x). Scans
+(iter_records) read ahead by default when the process may use more than one core
+(scan_read_ahead); the streaming dataset only when asked (`read_ahead=`): DataLoader workers
+are already one process per core. Results are the same bytes either way, and a corrupt block
+raises the same error, naming shard, chunk and column, when its chunk is taken.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 # Chunks decoded ahead per thread: enough to ride out one slow chunk, little memory (a default
-# chunk decodes to about 0.5 MB). Two threads use two cores; more threads would mostly wait
-# for the GIL, which the Python part of each chunk holds.
+# chunk decodes to about 0.5 MB). Two threads is what was measured (on 2 cores); the Python
+# part of each chunk holds the GIL, which bounds what more threads could add.
 DEPTH_PER_THREAD = 2
 MAX_THREADS = 2
 
