@@ -29,8 +29,10 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -244,7 +246,14 @@ def build(directory: Path | None = None, *, force: bool = False) -> Path:
     path = module_path(directory)
     if path.exists() and not force:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompiledKernelsError(
+            f"cannot create {path.parent} ({e.strerror}); choose a writable directory with "
+            f"--dir or ${ENV_DIR}"
+        ) from e
+    _remove_abandoned_builds(path.parent)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pycc is pending deprecation, with no successor yet
@@ -276,6 +285,21 @@ def build(directory: Path | None = None, *, force: bool = False) -> Path:
         self_check(_load_file(built))
         os.replace(built, path)
     return path
+
+
+# A build takes seconds: a build directory this old belongs to a build that was killed.
+ABANDONED_BUILD_S = 3600
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Delete the temporary directories of killed builds (never loaded: harmless, but litter)."""
+    now = time.time()
+    for old in directory.glob(".build-*"):
+        try:
+            if now - old.stat().st_mtime > ABANDONED_BUILD_S:
+                shutil.rmtree(old)
+        except OSError:
+            pass  # another process removed it first, or it is not ours to remove
 
 
 @contextmanager

@@ -240,6 +240,25 @@ def test_the_build_compiles_for_the_features_this_cpu_reports(tmp_path, monkeypa
     assert codegen.AOTCPUCodegen._customize_tm_features(None) == ""  # pycc's own, restored
 
 
+def test_a_killed_builds_directory_is_removed_by_the_next_build(tmp_path, monkeypatch):
+    killed, live = tmp_path / ".build-killed", tmp_path / ".build-live"
+    killed.mkdir()
+    (killed / "half.o").write_bytes(b"\0")
+    live.mkdir()  # a build running now in another process
+    hour_ago = time.time() - compiled.ABANDONED_BUILD_S - 60
+    os.utime(killed, (hour_ago, hour_ago))
+    monkeypatch.setattr(compiled, "self_check", lambda kernels: None)
+    path = compiled.build(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build-live", path.name]
+
+
+def test_a_directory_that_cannot_be_made_is_named_with_the_fix(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(compiled.CompiledKernelsError, match=f"cannot create {blocker}.*--dir"):
+        compiled.build(blocker / "kernels")
+
+
 def test_self_check_refuses_kernels_that_disagree(compiled_decoders):
     def wrong(src, elementsize, out):
         compiled_decoders.byte_unshuffle(src, elementsize, out)
