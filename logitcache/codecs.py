@@ -33,11 +33,11 @@ _KERNELS = None
 # about 0.2 s of CPU beyond its imports: most of the time to a first batch or of a short
 # evaluation. numpy spends about 0.13 ns a byte more (8 bytes counted per id and logprob), so
 # by 1.3-1.7 GiB it has spent what loading costs (benchmarks/bench_decoders.py measures both,
-# fresh processes; the spread is between runs): switching near the
-# break-even never costs more than about twice the best choice made in hindsight. None of this
-# applies once `logitcache kernels build` has compiled the decoders for this machine
-# (compiled.py): those load in well under a millisecond and are used from the first byte.
-# Output is bit-identical whichever kernels decode.
+# fresh processes; the spread is between runs): switching near the break-even never costs
+# more than about twice the best choice made in hindsight. None of this applies once
+# `logitcache kernels build` has compiled the decoders for this machine (compiled.py): those
+# load in well under a millisecond and are used from the first byte. Output is bit-identical
+# whichever kernels decode.
 JIT_AFTER_BYTES = 2 << 30
 _numpy_decoded = 0
 _COMPILED = None
@@ -96,7 +96,7 @@ def read_kernels(nbytes: int):
     compiled ones when built; else numba's once it is loaded (by a writer, say) or once this
     process has decoded JIT_AFTER_BYTES."""
     global _numpy_decoded
-    compiled = _COMPILED if _compiled_looked else compiled_kernels()
+    compiled = compiled_kernels()
     if compiled is not None:
         return compiled
     if _KERNELS is None:
