@@ -119,6 +119,18 @@ def fp16_key_delta_decode(deltas, row_length, out):  # pragma: no cover - compil
 
 
 @njit(**_JIT)
+def fp16_key_delta_planes(low, high, row_length, out):  # pragma: no cover - compiled
+    """fp16_key_delta_decode of gaps stored as the two byte planes of `shuffle` (elementsize
+    2): gap i is low[i] | high[i] << 8. One call where byte_unshuffle and
+    fp16_key_delta_decode took two and a buffer between them, and a random read passes
+    its rows' slices of the planes without gathering them. low, high and out have one
+    length (checked by the caller)."""
+    for i in range(out.shape[0]):
+        out[i] = np.uint16(low[i]) | (np.uint16(high[i]) << np.uint16(8))
+    fp16_key_delta_decode(out, row_length, out)
+
+
+@njit(**_JIT)
 def int32_delta_encode(values, out):  # pragma: no cover - compiled
     prev = np.int64(0)
     for i in range(values.shape[0]):
@@ -392,43 +404,71 @@ def unshuffle_ids(low, high, plane_a, shift_a, plane_b, shift_b, words):  # prag
 
 
 @njit(**_JIT)
+def _unshuffle_id_span(buf, n, first, words, pad):  # pragma: no cover - compiled
+    """Ids first..first+len(words)-1 of the byte_bit_shuffle(4, 2) block `buf` of n ids
+    through unshuffle_ids, reading only the span's bytes of each plane. A bit plane is used
+    when its span holds a set bit; `pad` masks the bits of the span's last byte that must be
+    zero. Returns -1 if one is set, 1 (words untouched) if more than two planes are used,
+    else 0."""
+    m = words.shape[0]
+    nb = (n + 7) // 8
+    b0 = first // 8
+    mb = (m + 7) // 8
+    used = 0
+    plane_first = 0
+    plane_second = 0
+    for q in range(16):
+        off = 2 * n + q * nb + b0
+        if buf[off : off + mb].max() == 0:  # vectorised; an index loop is 30x slower
+            continue
+        if buf[off + mb - 1] & pad:
+            return -1
+        if used == 0:
+            plane_first = q
+        elif used == 1:
+            plane_second = q
+        used += 1
+    if used > 2:
+        return 1
+    zero = np.zeros(mb, dtype=np.uint8)
+    plane_a, shift_a = zero, 0
+    plane_b, shift_b = zero, 0
+    if used >= 1:
+        off = 2 * n + plane_first * nb + b0
+        plane_a, shift_a = buf[off : off + mb], 31 - plane_first
+    if used == 2:
+        off = 2 * n + plane_second * nb + b0
+        plane_b, shift_b = buf[off : off + mb], 31 - plane_second
+    low, high = buf[first : first + m], buf[n + first : n + first + m]
+    unshuffle_ids(low, high, plane_a, shift_a, plane_b, shift_b, words)
+    return 0
+
+
+@njit(**_JIT)
 def unshuffle_ids_auto(buf, n, words):  # pragma: no cover - compiled
     """byte_bit_unshuffle(elementsize=4, byte_planes=2) of `buf` (exactly 2n + 16 ceil(n/8)
     bytes, checked by the caller) into `words` [n] through unshuffle_ids: finds the bit
     planes holding a set bit and checks their padding bits in one call, where numpy took
     four (a scan pays the difference on every chunk). Returns -1 if a padding bit is set,
     1 (words untouched) if more than two planes hold set bits, else 0."""
-    nb = (n + 7) // 8
-    if nb == 0:
+    if n == 0:
         return 0
     pad = np.uint8(0)
     if n % 8:
         pad = np.uint8((1 << (8 - n % 8)) - 1)
-    used = 0
-    first = 0
-    second = 0
-    for q in range(16):
-        off = 2 * n + q * nb
-        if buf[off : off + nb].max() == 0:  # vectorised; an index loop is 30x slower
-            continue
-        if buf[off + nb - 1] & pad:
-            return -1
-        if used == 0:
-            first = q
-        elif used == 1:
-            second = q
-        used += 1
-    if used > 2:
-        return 1
-    zero = np.zeros(nb, dtype=np.uint8)
-    plane_a, shift_a = zero, 0
-    plane_b, shift_b = zero, 0
-    if used >= 1:
-        plane_a, shift_a = buf[2 * n + first * nb : 2 * n + (first + 1) * nb], 31 - first
-    if used == 2:
-        plane_b, shift_b = buf[2 * n + second * nb : 2 * n + (second + 1) * nb], 31 - second
-    unshuffle_ids(buf[:n], buf[n : 2 * n], plane_a, shift_a, plane_b, shift_b, words)
-    return 0
+    return _unshuffle_id_span(buf, n, 0, words, pad)
+
+
+@njit(**_JIT)
+def unshuffle_ids_span(buf, n, first, words):  # pragma: no cover - compiled
+    """Ids first..first+len(words)-1 of a byte_bit_shuffle(4, 2) block of n ids whose
+    padding bits were checked (Pipeline.stage), decoded from the span's bytes alone: a random
+    read's rows without gathering them first. The caller checks that `buf` holds exactly
+    2n + 16 ceil(n/8) bytes, `first` is a multiple of 8 and first + len(words) <= n. Returns
+    1 (words untouched) if more than two of the span's bit planes hold a set bit, else 0."""
+    if words.shape[0] == 0:
+        return 0
+    return _unshuffle_id_span(buf, n, first, words, np.uint8(0))
 
 
 @njit(**_JIT)

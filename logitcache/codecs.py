@@ -178,6 +178,12 @@ class Codec:
         """The checks decode() makes of the whole input, for a block decoded by ranges."""
         raise NotImplementedError
 
+    def decode_range(self, buf: np.ndarray, decoded_size: int, start: int, stop: int):
+        """Output bytes [start, stop) of a gather codec's whole input `buf` (which passed
+        check_whole; 0 <= start <= stop <= decoded_size, checked by the caller)."""
+        sub, size, skip = self.gather(buf, decoded_size, start, stop)
+        return self.decode(sub, size, True)[skip : skip + stop - start]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.get_config()})"
 
@@ -401,6 +407,16 @@ class ByteBitShuffle(Codec):
         sub = np.concatenate([byte_planes.reshape(-1), bits.reshape(-1)])
         return sub, m * es, start - first * es
 
+    def decode_range(self, buf: np.ndarray, decoded_size: int, start: int, stop: int):
+        if (self.elementsize, self.byte_planes) == (4, 2) and stop > start:  # token ids
+            jit = read_kernels(stop - start)
+            if jit is not None:
+                first = start // 32 * 8  # bit planes pack 8 ids a byte
+                words = np.empty(stop // 4 - first, dtype=np.uint32)
+                if jit.unshuffle_ids_span(buf, decoded_size // 4, first, words) == 0:
+                    return words.view(np.uint8)[start - 4 * first :]
+        return super().decode_range(buf, decoded_size, start, stop)
+
     def _check_encoded_size(self, buf: np.ndarray, decoded_size: int, exact: bool) -> None:
         if not exact or decoded_size % self.elementsize:
             raise CodecError(
@@ -487,6 +503,65 @@ class Fp16KeyDelta(Codec):
         out = np.empty(deltas.size, dtype=np.uint16)
         jit.fp16_key_delta_decode(deltas, self.row_length, out)
         return out.view(np.uint8)
+
+
+class KeyDeltaPlanes(Codec):
+    """fp16_key_delta then shuffle(elementsize=2), as one decode step: the gaps go from the
+    two byte planes straight to fp16 bits in one kernel call (fp16_key_delta_planes), where
+    the two codecs took two calls and a buffer between them. Pipelines decode through it in
+    their place (Pipeline._decoders); it has no config of its own, so no cache names it."""
+
+    codec_id = "fp16_key_delta+shuffle"
+    range_kind = "gather"
+
+    def __init__(self, key_delta: Fp16KeyDelta):
+        self.key_delta = key_delta
+        self.shuffle = Shuffle(2)
+
+    def range_unit(self) -> int:
+        return self.key_delta.range_unit()
+
+    def encode(self, buf: np.ndarray) -> np.ndarray:
+        return self.shuffle.encode(self.key_delta.encode(buf))
+
+    def check_whole(self, buf: np.ndarray, decoded_size: int) -> None:
+        self.shuffle.check_whole(buf, decoded_size)
+
+    def gather(self, buf, decoded_size, start, stop):
+        return self.shuffle.gather(buf, decoded_size, start, stop)
+
+    def decode(self, buf: np.ndarray, decoded_size: int, exact: bool = True) -> np.ndarray:
+        self.shuffle._check_size(buf.size, decoded_size, exact)
+        self.shuffle._check(buf.size)
+        return self.decode_range(buf, buf.size, 0, buf.size)
+
+    def decode_range(self, buf: np.ndarray, decoded_size: int, start: int, stop: int):
+        jit = read_kernels(stop - start)
+        if jit is None:
+            planes = self.shuffle.decode_range(buf, decoded_size, start, stop)
+            return self.key_delta.decode(planes, stop - start, True)
+        n = decoded_size // 2
+        lo, hi = start // 2, stop // 2
+        out = np.empty(hi - lo, dtype=np.uint16)
+        jit.fp16_key_delta_planes(buf[lo:hi], buf[n + lo : n + hi], self.key_delta.row_length, out)
+        return out.view(np.uint8)
+
+
+def _fused(codecs: Sequence[Codec]) -> list[Codec]:
+    """`codecs` with each fp16_key_delta followed by shuffle(elementsize=2) as one
+    KeyDeltaPlanes: the steps a pipeline decodes through."""
+    steps: list[Codec] = []
+    for codec in codecs:
+        if (
+            isinstance(codec, Shuffle)
+            and codec.elementsize == 2
+            and steps
+            and type(steps[-1]) is Fp16KeyDelta
+        ):
+            steps[-1] = KeyDeltaPlanes(steps[-1])
+        else:
+            steps.append(codec)
+    return steps
 
 
 class Int32Delta(Codec):
@@ -1057,16 +1132,19 @@ class Pipeline:
                     f"with exact sizes, not after {[c.codec_id for c in self.codecs]}"
                 )
             exact = exact and codec.exact_encoded_size
+        # The steps decoding goes through: the codecs, some pairs fused (see _fused).
+        self._decoders = _fused(self.codecs)
         # Four of the seven default columns are zstd alone: decoded without the size chain.
         self._only = self.codecs[0] if len(self.codecs) == 1 else None
         # unpack/finish: a zstd stage undone first, then the rest (the inner pipeline).
         self._zstd_outer = bool(self.codecs) and isinstance(self.codecs[-1], Zstd)
         self._inner = Pipeline(self.codecs[:-1]) if self._zstd_outer else self
-        # Range decoding (stage): "local" codecs first, then one "gather" codec.
+        # Range decoding (stage): "local" steps first, then one "gather" step.
         self._range_plan = None
-        for i, codec in enumerate(self.codecs):
+        for i, codec in enumerate(self._decoders):
             if codec.range_kind == "gather":
-                self._range_plan = (self.codecs[:i], codec, Pipeline(self.codecs[i + 1 :]))
+                before = Pipeline(self._decoders[i + 1 :])  # decodes only
+                self._range_plan = (self._decoders[:i], codec, before)
             if codec.range_kind != "local":
                 break
 
@@ -1106,7 +1184,7 @@ class Pipeline:
             return buf
         sizes, exact = self._stage_sizes(decoded_size)
         for codec, size, is_exact in zip(
-            reversed(self.codecs), reversed(sizes), reversed(exact), strict=True
+            reversed(self._decoders), reversed(sizes), reversed(exact), strict=True
         ):
             buf = codec.decode(buf, size, is_exact)
         if buf.size != decoded_size:
@@ -1114,10 +1192,10 @@ class Pipeline:
         return buf
 
     def _stage_sizes(self, decoded_size: int) -> tuple[list[int], list[bool]]:
-        """The output size of each codec's decode, from the raw end: exact while every codec
+        """The output size of each decode step's, from the raw end: exact while every step
         before it has an exact encoded size, an upper bound after the first one that does not."""
         sizes, exact = [decoded_size], [True]
-        for codec in self.codecs[:-1]:
+        for codec in self._decoders[:-1]:
             sizes.append(codec.max_encoded_size(sizes[-1]))
             exact.append(exact[-1] and codec.exact_encoded_size)
         return sizes, exact
@@ -1144,11 +1222,11 @@ class Pipeline:
         if self._range_plan is None:
             return None
         local, gather, before = self._range_plan
-        if any(unit % codec.range_unit() for codec in local):
+        if any(unit % codec.range_unit() for codec in [*local, gather]):
             return None
         buf = before.decode_bytes(data, gather.max_encoded_size(decoded_size))
         gather.check_whole(buf, decoded_size)
-        return StagedBlock(buf, decoded_size, gather, local)
+        return StagedBlock(buf, decoded_size, unit, gather, local)
 
     def max_expansion(self) -> int:
         """Upper bound of decoded size / stored size over the whole pipeline."""
@@ -1169,14 +1247,21 @@ class Pipeline:
 class StagedBlock:
     """A block whose whole-block stages are undone (Pipeline.stage): decodes byte ranges."""
 
-    def __init__(self, buf: np.ndarray, decoded_size: int, gather: Codec, local: list[Codec]):
-        self.buf, self.decoded_size = buf, decoded_size
+    def __init__(
+        self, buf: np.ndarray, decoded_size: int, unit: int, gather: Codec, local: list[Codec]
+    ):
+        self.buf, self.decoded_size, self.unit = buf, decoded_size, unit
         self._gather, self._local = gather, local
 
     def decode_range(self, start: int, stop: int) -> np.ndarray:
         """Decoded bytes [start, stop): the same as decoding the block and slicing it."""
-        sub, size, skip = self._gather.gather(self.buf, self.decoded_size, start, stop)
-        out = self._gather.decode(sub, size, True)[skip : skip + stop - start]
+        # The gather step's kernels index the block with these: checked here, once.
+        if not 0 <= start <= stop <= self.decoded_size or start % self.unit or stop % self.unit:
+            raise ValueError(
+                f"byte range [{start}, {stop}) is not one of whole {self.unit}-byte units "
+                f"within the block's {self.decoded_size} bytes"
+            )
+        out = self._gather.decode_range(self.buf, self.decoded_size, start, stop)
         for codec in reversed(self._local):
             out = codec.decode(out, stop - start, True)
         return out

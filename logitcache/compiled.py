@@ -51,7 +51,9 @@ DECODERS: dict[str, tuple[str, tuple]] = {
     "byte_unshuffle": ("void", (_U1, int, _U1)),
     "byte_bit_unshuffle": ("i8", (_U1, int, int, _U1)),
     "unshuffle_ids_auto": ("i8", (_U1, int, _U4)),
+    "unshuffle_ids_span": ("i8", (_U1, int, int, _U4)),
     "fp16_key_delta_decode": ("void", (_U2, int, _U2)),
+    "fp16_key_delta_planes": ("void", (_U1, _U1, int, _U2)),
     "record_starts": ("i8", (_I4, _U1, bool, _I8, _I8)),
     "int32_delta_decode": ("void", (_I4, _I4)),
     "varint_decode": ("i8", (_U1, _U4)),
@@ -363,11 +365,20 @@ def self_check(kernels: SimpleNamespace) -> None:
         problems.append("unshuffle_ids_auto status")
     elif not np.array_equal(words, ids) or not np.array_equal(want.view(np.uint32), ids):
         problems.append("unshuffle_ids_auto values")
+    span = np.empty(500, dtype=np.uint32)  # ids 200..699: a random read's rows
+    if kernels.unshuffle_ids_span(planes, n, 200, span) or not np.array_equal(span, ids[200:700]):
+        problems.append("unshuffle_ids_span")
     deltas = rng.integers(0, 1 << 16, 10 * 100, dtype=np.int64).astype(np.uint16)
     keys = np.empty_like(deltas)
     kernels.fp16_key_delta_decode(deltas, 100, keys)
-    if not np.array_equal(keys, npk.fp16_key_delta_decode(deltas, 100)):
+    want_keys = npk.fp16_key_delta_decode(deltas, 100)
+    if not np.array_equal(keys, want_keys):
         problems.append("fp16_key_delta_decode")
+    gaps = deltas.view(np.uint8).reshape(-1, 2)
+    low, high = np.ascontiguousarray(gaps[:, 0]), np.ascontiguousarray(gaps[:, 1])
+    kernels.fp16_key_delta_planes(low, high, 100, keys)
+    if not np.array_equal(keys, want_keys):
+        problems.append("fp16_key_delta_planes")
     shuffled = rng.integers(0, 256, 2 * n, dtype=np.int64).astype(np.uint8)
     out = np.empty_like(shuffled)
     kernels.byte_unshuffle(shuffled, 2, out)

@@ -25,8 +25,10 @@ from logitcache.codecs import (
     Fp16Grid,
     Fp16KeyDelta,
     Int32Delta,
+    KeyDeltaPlanes,
     Shuffle,
     Varint,
+    default_pipelines,
 )
 from logitcache.synthetic import synthetic_records
 from tests.conftest import write_cache
@@ -78,6 +80,11 @@ ROUND_TRIPS = [
     (ByteBitShuffle(4, 2), lambda n: _ids(n, 1 << 24), "byte_bit_unshuffle"),
     (ByteBitShuffle(4, 1), lambda n: _ids(n, 1 << 20), "byte_bit_unshuffle"),
     (Fp16KeyDelta(100), lambda n: _ids(n, 1 << 16).astype(np.uint16), "fp16_key_delta_decode"),
+    (
+        KeyDeltaPlanes(Fp16KeyDelta(100)),
+        lambda n: _ids(n, 1 << 16).astype(np.uint16),
+        "fp16_key_delta_planes",
+    ),
     (Int32Delta(), lambda n: _ids(n, 1 << 32).view(np.int32), "int32_delta_decode"),
     (Varint(), lambda n: _ids(n, 1 << 32), "varint_decode"),
     (Fp16Grid(10, 8), _grid_rows, "fp16_grid_decode"),
@@ -96,9 +103,34 @@ def test_compiled_decoders_give_back_what_was_encoded(codec, data, kernel, n, de
     decode_compiled.clear()
 
 
+# (pipeline, rows of k values, the compiled kernel a range of rows must decode through)
+RANGE_ROUND_TRIPS = [
+    (default_pipelines(7)["topk_ids"], lambda n: _ids(n * 7, 1 << 17), "unshuffle_ids_span"),
+    (
+        default_pipelines(7)["topk_logprobs"],
+        lambda n: _ids(n * 7, 1 << 16).astype(np.uint16),
+        "fp16_key_delta_planes",
+    ),
+]
+
+
+@pytest.mark.parametrize("n", [1, 9, 301])
+@pytest.mark.parametrize("pipeline, rows, kernel", RANGE_ROUND_TRIPS)
+def test_compiled_decoders_give_back_ranges_of_rows(pipeline, rows, kernel, n, decode_compiled):
+    raw = np.ascontiguousarray(rows(n)).view(np.uint8)
+    width = raw.size // n
+    staged = pipeline.stage(np.frombuffer(pipeline.encode(raw), np.uint8), raw.size, width)
+    for lo, hi in [(0, n), (n - 1, n), (n // 3, n // 3 + 1), (n // 2, n)]:
+        decode_compiled.clear()
+        got = staged.decode_range(lo * width, hi * width)
+        assert got.tobytes() == raw[lo * width : hi * width].tobytes(), (lo, hi)
+        assert kernel in decode_compiled
+
+
 def test_every_decoder_is_covered_by_the_round_trips():
     # record_starts: test_record_starts_of_all_three_kernel_sets, and every cache read.
-    assert {kernel for _, _, kernel in ROUND_TRIPS} | {"record_starts"} == set(compiled.DECODERS)
+    kernels = {kernel for _, _, kernel in ROUND_TRIPS + RANGE_ROUND_TRIPS}
+    assert kernels | {"record_starts"} == set(compiled.DECODERS)
 
 
 @pytest.mark.parametrize("all_positions", [False, True])

@@ -74,6 +74,19 @@ def test_rows_not_whole_for_the_key_delta_do_not_stage():
     assert pipe.stage(data, logprobs.nbytes, k) is None  # half rows: gaps cross the ends
 
 
+@pytest.mark.parametrize("name", ["topk_ids", "topk_logprobs"])
+def test_a_range_outside_the_block_or_its_rows_is_refused(name, read_path):  # noqa: F811
+    """The kernels index the staged block with the range: it is checked before they run."""
+    k, n = 7, 20
+    values = _rows(k, n, 128256)[0 if name == "topk_ids" else 1]
+    pipe = default_pipelines(k)[name]
+    width = k * values.itemsize
+    staged = pipe.stage(np.frombuffer(pipe.encode(values), np.uint8), values.nbytes, width)
+    for start, stop in [(-width, width), (0, (n + 1) * width), (2 * width, width), (1, width)]:
+        with pytest.raises(ValueError, match="byte range"):
+            staged.decode_range(start, stop)
+
+
 def test_a_set_padding_bit_is_refused_when_staging():
     k, n = 3, 3  # 9 ids: the bit planes' last byte has 7 padding bits
     pipe = Pipeline.from_config([{"id": "byte_bit_shuffle", "elementsize": 4, "byte_planes": 2}])
