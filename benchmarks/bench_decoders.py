@@ -72,10 +72,9 @@ def stage_inputs(chunks: int, rows: int) -> tuple[list, list]:
 
 def decoders(read_kernels):
     """The ids and logprob decoding of the default pipelines with the given kernel choice."""
-    ids_codec, (delta, shuffle) = (
-        default_pipelines(K)["topk_ids"].codecs[0],
-        default_pipelines(K)["topk_logprobs"].codecs[:2],
-    )
+    ids_codec = default_pipelines(K)["topk_ids"].codecs[0]
+    # fp16_key_delta + shuffle(2): the one step the pipeline decodes the two through.
+    key_delta_planes = codecs.KeyDeltaPlanes(default_pipelines(K)["topk_logprobs"].codecs[0])
 
     def ids(blocks):
         codecs.read_kernels = read_kernels
@@ -85,7 +84,7 @@ def decoders(read_kernels):
     def logprobs(blocks):
         codecs.read_kernels = read_kernels
         for b in blocks:
-            delta.decode(shuffle.decode(b, b.size), b.size)
+            key_delta_planes.decode(b, b.size)
 
     return ids, logprobs
 
