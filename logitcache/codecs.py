@@ -411,6 +411,8 @@ class ByteBitShuffle(Codec):
         if (self.elementsize, self.byte_planes) == (4, 2) and stop > start:  # token ids
             jit = read_kernels(stop - start)
             if jit is not None:
+                whole = buf.size == self.max_encoded_size(decoded_size)
+                _check_range(whole, decoded_size, start, stop, 4)
                 first = start // 32 * 8  # bit planes pack 8 ids a byte
                 words = np.empty(stop // 4 - first, dtype=np.uint32)
                 if jit.unshuffle_ids_span(buf, decoded_size // 4, first, words) == 0:
@@ -540,11 +542,19 @@ class KeyDeltaPlanes(Codec):
         if jit is None:
             planes = self.shuffle.decode_range(buf, decoded_size, start, stop)
             return self.key_delta.decode(planes, stop - start, True)
+        _check_range(buf.size == decoded_size, decoded_size, start, stop, 2)
         n = decoded_size // 2
         lo, hi = start // 2, stop // 2
         out = np.empty(hi - lo, dtype=np.uint16)
         jit.fp16_key_delta_planes(buf[lo:hi], buf[n + lo : n + hi], self.key_delta.row_length, out)
         return out.view(np.uint8)
+
+
+def _check_range(whole: bool, decoded_size: int, start: int, stop: int, unit: int) -> None:
+    """What a kernel indexing a whole block by a byte range needs (`whole`: the block has
+    its full size), checked before it runs; StagedBlock.decode_range checked its rows."""
+    if not whole or not 0 <= start <= stop <= decoded_size or start % unit or stop % unit:
+        raise CodecError(f"cannot decode bytes [{start}, {stop}) of a {decoded_size}-byte block")
 
 
 def _fused(codecs: Sequence[Codec]) -> list[Codec]:

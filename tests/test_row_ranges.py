@@ -7,8 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from logitcache import CorruptCacheError, open_cache
-from logitcache.codecs import CodecError, Pipeline, default_pipelines, entropy_pipeline_configs
+from logitcache import CorruptCacheError, codecs, open_cache
+from logitcache.codecs import (
+    CodecError,
+    Fp16KeyDelta,
+    KeyDeltaPlanes,
+    Pipeline,
+    default_pipelines,
+    entropy_pipeline_configs,
+)
 from tests.conftest import SMALL_VOCAB, assert_record_equal, write_cache
 from tests.test_decode_kernels import read_path  # noqa: F401 (fixture)
 from tests.test_faults import block_checksum, rewrite_chunk0
@@ -85,6 +92,30 @@ def test_a_range_outside_the_block_or_its_rows_is_refused(name, read_path):  # n
     for start, stop in [(-width, width), (0, (n + 1) * width), (2 * width, width), (1, width)]:
         with pytest.raises(ValueError, match="byte range"):
             staged.decode_range(start, stop)
+
+
+@pytest.mark.parametrize("kernel_set", ["numba", "compiled"])
+def test_the_range_kernels_refuse_what_would_index_outside_the_block(kernel_set, request):
+    """Called directly, past StagedBlock's checks, the kernel paths still check what they
+    index with (numpy's paths slice, which cannot read outside the block)."""
+    kernels = codecs.kernels()
+    if kernel_set == "compiled":
+        kernels = request.getfixturevalue("compiled_decoders")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(codecs, "read_kernels", lambda nbytes: kernels)
+    n = 16
+    ids = default_pipelines(1)["topk_ids"].codecs[0]
+    planes = KeyDeltaPlanes(Fp16KeyDelta(1))
+    ids_buf = ids.encode(np.arange(n, dtype=np.uint32).view(np.uint8))
+    lp_buf = planes.encode(np.arange(n, dtype=np.uint16).view(np.uint8))
+    for codec, buf, size in ((ids, ids_buf, 4 * n), (planes, lp_buf, 2 * n)):
+        whole = codec.decode(buf, size).tobytes()
+        assert codec.decode_range(buf, size, 0, size).tobytes() == whole
+        for start, stop in [(0, size + 4), (-4, 4), (1, 5)]:
+            with pytest.raises(CodecError, match="cannot decode bytes"):
+                codec.decode_range(buf, size, start, stop)
+        with pytest.raises(CodecError, match="cannot decode bytes"):
+            codec.decode_range(buf[:-2], size, 0, 4)
 
 
 def test_a_set_padding_bit_is_refused_when_staging():
