@@ -14,7 +14,6 @@ from logitcache import CacheWriter, codecs, open_cache, shard
 from logitcache import _kernels as jit
 from logitcache import _numpy_kernels as npk
 from logitcache.codecs import ByteBitShuffle, CodecError, Fp16KeyDelta, Shuffle
-from logitcache.shard import ShardFile
 from logitcache.synthetic import synthetic_records
 from logitcache.writer import DEFAULT_CHUNK_BYTES
 
@@ -213,20 +212,23 @@ def test_short_reads_use_numpy_and_long_ones_switch_to_numba(small_cache):
 
 
 def test_a_block_is_hashed_once_per_process_but_verify_hashes_all(small_cache, monkeypatch):
-    calls: list[tuple[int, str]] = []
-    original = ShardFile.block_problem
+    calls: list[int] = []
+    hashing = shard.xxhash
 
-    def counting(self, index, name):
-        calls.append((index, name))
-        return original(self, index, name)
+    class Counting:
+        @staticmethod
+        def xxh3_64_intdigest(data):
+            calls.append(len(data))
+            return hashing.xxh3_64_intdigest(data)
 
-    monkeypatch.setattr(ShardFile, "block_problem", counting)
+    monkeypatch.setattr(shard, "xxhash", Counting)
     with open_cache(small_cache, chunk_cache_size=1) as cache:
-        shard = cache.shard_file(0)
-        first = shard.decode_chunk(0)
-        assert len(calls) == len(shard.chunks[0]["blocks"])
-        again = shard.decode_chunk(0)  # e.g. evicted from the LRU and read again
-        assert len(calls) == len(shard.chunks[0]["blocks"])
+        shard_file = cache.shard_file(0)
+        calls.clear()  # opening it hashed its footer
+        first = shard_file.decode_chunk(0)
+        assert len(calls) == len(shard_file.chunks[0]["blocks"])
+        again = shard_file.decode_chunk(0)  # e.g. evicted from the LRU and read again
+        assert len(calls) == len(shard_file.chunks[0]["blocks"])
         assert np.array_equal(first.topk_ids, again.topk_ids)
         calls.clear()
         assert cache.verify() == []
