@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from logitcache.cli import json_object
+from logitcache.cli import add_layout_options, json_object
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -142,6 +142,7 @@ def add_cache(sub) -> None:
     )
     io.add_argument("--json", action="store_true", help="print the summary as JSON")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_layout_options(io)
 
     rows = p.add_argument_group("rows to examples")
     rows.add_argument(
@@ -303,6 +304,8 @@ def run_cache(args) -> int:
             progress=not args.no_progress,
             lossy_kl=args.lossy_kl,
             lossy_truncate=args.lossy_truncate,
+            chunk_bytes=args.chunk_bytes,
+            shard_bytes=args.shard_bytes,
         )
     except RankError as e:
         print(f"kd cache: error: {e}", file=sys.stderr)

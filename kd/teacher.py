@@ -23,6 +23,7 @@ from typing import Any
 
 from logitcache import CacheError, CacheWriter
 from logitcache.identity import tokenizer_identity
+from logitcache.writer import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 
 from .data import (
     OVERFLOW_POLICIES,
@@ -79,6 +80,10 @@ class CacheOptions:
     progress: bool = True  # a tqdm bar on rank 0
     lossy_kl: float | None = None  # lossy cache: every row within this KL (nats); logitcache.lossy
     lossy_truncate: bool = True  # lossy rows may be cut short where their tail is light
+    # The cache's layout (default: the writer's). Smaller chunks make random reads faster,
+    # larger ones scans and training loaders: benchmarks/bench_chunking.py measures both.
+    chunk_bytes: int | None = None  # raw bytes a chunk holds before it is closed
+    shard_bytes: int | None = None  # bytes a shard file holds before the next one starts
 
 
 @dataclass
@@ -169,7 +174,15 @@ def _check_options(opts: CacheOptions) -> None:
         raise ValueError(f"overflow={opts.overflow!r}: choose one of {OVERFLOW_POLICIES}")
     if opts.row_format not in ROW_FORMATS:
         raise ValueError(f"row_format={opts.row_format!r}: choose one of {ROW_FORMATS}")
-    for name in ("limit", "batch_tokens", "max_batch_size", "row_chunk", "checkpoint_batches"):
+    for name in (
+        "limit",
+        "batch_tokens",
+        "max_batch_size",
+        "row_chunk",
+        "checkpoint_batches",
+        "chunk_bytes",
+        "shard_bytes",
+    ):
         value = getattr(opts, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}={value!r}: must be a positive integer")
@@ -343,6 +356,8 @@ class _TeacherPass:
             resume=opts.resume,
             lossy_kl=opts.lossy_kl,
             lossy_truncate=opts.lossy_truncate,
+            chunk_bytes=opts.chunk_bytes or DEFAULT_CHUNK_BYTES,
+            shard_bytes=opts.shard_bytes or DEFAULT_SHARD_BYTES,
         )
         resumed = writer.resumed_progress or {}
         skip = int(resumed.get("batches", 0))

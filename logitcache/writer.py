@@ -74,11 +74,13 @@ def _exp_table() -> np.ndarray:
 
 # Decoded bytes after which a chunk is closed. A random read unzips and checksums its whole
 # chunk (then decodes its record's rows), so small chunks make single reads cheap: at 256 KiB
-# a chunk holds one record of ~1,000 tokens (K=100) or a few short ones; files are ~0.3%
-# larger than with 2 MiB chunks (more zstd frames and footer entries) and a full scan about
-# 10% slower (more chunks to set up).
-# Measured by benchmarks/bench_loader.py and bench_scan_anatomy.py.
+# a chunk holds one record of ~1,000 tokens (K=100) or a few short ones. Each chunk also costs
+# a scan a fixed amount (seven zstd frames, their checksums, Python, and the read-ahead
+# threads' turns at the GIL). Against 2 MiB chunks, on bench_loader's records: random reads
+# 2.7x as fast, scans 0.84x as fast on one thread and about half as fast with read-ahead,
+# files 0.5% larger (benchmarks/bench_chunking.py, which also measures 64 KiB to 512 KiB).
 DEFAULT_CHUNK_BYTES = 256 << 10
+DEFAULT_SHARD_BYTES = 256 << 20
 
 
 class CacheWriter:
@@ -121,7 +123,7 @@ class CacheWriter:
         metadata: dict | None = None,
         codecs: dict[str, list[dict[str, Any]]] | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        shard_bytes: int = 256 << 20,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
         rank: int | None = None,
         world_size: int | None = None,
         overwrite: bool = False,

@@ -137,6 +137,25 @@ def test_a_run_and_what_logitcache_inspect_shows(tiny_llama_dir, code_data, tmp_
         assert needle in text
 
 
+def test_chunk_and_shard_sizes_change_the_layout_not_the_records(
+    tiny_llama_dir, code_data, one_process_cache, tmp_path
+):
+    out = str(tmp_path / "small-chunks")
+    common = ["--teacher", str(tiny_llama_dir), "--data", code_data, "--k", str(K)]
+    common += ["--batch-tokens", "64", "--threads", "1", "--no-progress"]
+    done = kd("cache", *common, "--out", out, "--chunk-bytes", "1K", "--shard-bytes", "4K")
+    assert done.returncode == 0, done.stderr
+    small, default = open_cache(out).manifest, open_cache(one_process_cache).manifest
+    chunks = [c for shard in small.shards for c in shard.chunk_records]
+    assert len(small.shards) > len(default.shards) == 1
+    assert len(chunks) > sum(len(s.chunk_records) for s in default.shards)
+    assert max(chunks) <= 2  # 1 KiB of raw rows is about one record of this data
+    assert_same_records(records_by_id(out), records_by_id(one_process_cache))
+    refused = kd("cache", *common, "--out", str(tmp_path / "x"), "--chunk-bytes", "0")
+    assert refused.returncode == 2 and "--chunk-bytes" in refused.stderr
+    assert "must be positive" in refused.stderr
+
+
 def bert_gguf(path) -> str:
     import gguf
 
