@@ -18,15 +18,13 @@ results/bench_chunking.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from common import REPO_ROOT, format_table, write_results
+from common import format_table, run_snippet, write_results
 
 from logitcache import CacheWriter, open_cache
 from logitcache.cli import byte_size
@@ -65,18 +63,8 @@ def _label(size: int) -> str:
 
 
 def _measure(what: str, url: str, reads: int, seed: int) -> float:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN, what, url, str(reads), str(seed)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} of {url} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["rate"]
+    got = run_snippet(RUN, what, url, str(reads), str(seed), what=f"{what} of {url}")
+    return got["rate"]
 
 
 def _rewrite(src: str, dst: str, chunk_bytes: int) -> None:

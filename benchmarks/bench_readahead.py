@@ -13,15 +13,13 @@ and reports median wall and CPU seconds and their ratio. Writes results/bench_re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from common import REPO_ROOT, format_table, write_results
+from common import format_table, run_snippet, write_results
 
 from logitcache.readahead import scan_read_ahead
 
@@ -45,18 +43,7 @@ print(json.dumps({"wall_s": time.perf_counter() - start,
 
 
 def _run(what: str, url: str, depth: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN, what, url, str(depth)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} read_ahead={depth} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_snippet(RUN, what, url, str(depth), what=f"{what} read_ahead={depth}")
 
 
 def _write_cache(url: str, records: int) -> None:

@@ -88,6 +88,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def run_snippet(code: str, *args: str, what: str) -> Any:
+    """Run `python -c code args...` in a fresh interpreter with this checkout importable and
+    return the JSON on its last line of output (`what` names the run in the error)."""
+    import subprocess
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     """Write benchmarks/results/NAME.json: the payload plus machine info and the command line."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
