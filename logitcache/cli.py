@@ -51,7 +51,10 @@ def add_layout_options(p) -> None:
         "larger: faster scans, measured by benchmarks/bench_chunking.py)",
     )
     p.add_argument(
-        "--shard-bytes", type=byte_size, metavar="SIZE", help="target bytes per shard (e.g. 256M)"
+        "--shard-bytes",
+        type=byte_size,
+        metavar="SIZE",
+        help="target bytes per shard (default 256M)",
     )
 
 
