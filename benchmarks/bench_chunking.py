@@ -28,6 +28,7 @@ from common import format_table, run_snippet, write_results
 
 from logitcache import CacheWriter, open_cache
 from logitcache.cli import byte_size
+from logitcache.convert import convert
 from logitcache.writer import DEFAULT_CHUNK_BYTES
 
 RUN = """
@@ -69,22 +70,7 @@ def _measure(what: str, url: str, reads: int, seed: int) -> float:
 
 def _rewrite(src: str, dst: str, chunk_bytes: int) -> None:
     """The records of `src`, in order, written again with `chunk_bytes` (default codecs)."""
-    from tqdm import tqdm
-
-    with (
-        open_cache(src) as cache,
-        CacheWriter(
-            dst, k=cache.manifest.k, vocab_size=cache.manifest.vocab_size, chunk_bytes=chunk_bytes
-        ) as writer,
-    ):
-        for record in tqdm(cache, total=len(cache), desc=f"{_label(chunk_bytes)} chunks"):
-            writer.add(
-                input_ids=record.input_ids,
-                loss_mask=record.loss_mask,
-                topk_ids=record.topk_ids,
-                topk_logprobs=record.topk_logprobs,
-                sample_id=record.sample_id,
-            )
+    convert(src, dst, chunk_bytes=chunk_bytes, progress=True)
 
 
 def _layout(url: str) -> dict:

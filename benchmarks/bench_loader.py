@@ -53,6 +53,7 @@ import time
 from common import format_table, write_results  # noqa: I001 -- puts the repo on sys.path
 
 from logitcache import CacheWriter, open_cache
+from logitcache.convert import convert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = os.path.join(HERE, "loader_peers.py")
@@ -117,18 +118,7 @@ def prepare(work: str, records: int, tools: list[str]) -> dict[str, str]:
         t0 = time.perf_counter()
         shutil.rmtree(path, ignore_errors=True)
         if tool == "logitcache@main":
-            with (
-                open_cache(source) as cache,
-                CacheWriter(path, k=K, vocab_size=VOCAB, chunk_bytes=MAIN_CHUNK_BYTES) as w,
-            ):
-                for r in cache.iter_records():
-                    w.add(
-                        input_ids=r.input_ids,
-                        loss_mask=r.loss_mask,
-                        topk_ids=r.topk_ids,
-                        topk_logprobs=r.topk_logprobs,
-                        sample_id=r.sample_id,
-                    )
+            convert(source, path, chunk_bytes=MAIN_CHUNK_BYTES, progress=False)
         else:
             _run(["write", "--tool", tool, "--cache", source, "--path", path], timeout=3600)
         open(path + ".done", "w").close()
