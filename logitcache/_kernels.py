@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from ._numpy_kernels import (
     RECORD_STARTS_BAD_LENGTHS,
@@ -504,6 +506,135 @@ def record_starts(lengths, mask, all_positions, token_starts, target_starts):  #
                 count += mask[j]
         target_starts[i + 1] = target_starts[i] + count
     return RECORD_STARTS_OK
+
+
+# -- one chunk of the default pipelines in one call (logitcache/native.py) --------------------
+#
+# zstd and xxh3 are called through the addresses native.py passes in, not through names bound
+# at compile time: the same code then runs from numba's on-disk cache and from the module
+# compiled ahead of time, in processes whose libraries load at other addresses.
+
+DEFAULT_CHUNK_BAD_BLOCK = 1  # a checksum, frame or size did not check out: decode it slowly
+DEFAULT_CHUNK_BAD_RECORDS = 2  # record_starts refused the lengths or the loss mask
+DEFAULT_CHUNK_WIDE_IDS = 3  # ids with more than two high bit planes: the generic decoder
+
+
+def _c_call_codegen(arity):
+    def codegen(context, builder, signature, args):
+        word = ir.IntType(64)
+        function = builder.inttoptr(args[0], ir.FunctionType(word, [word] * arity).as_pointer())
+        return builder.call(function, args[1:])
+
+    return codegen
+
+
+@intrinsic
+def _c_call2(typingctx, address, a, b):  # pragma: no cover - compiled
+    """int64 f(int64, int64) at `address` (C size_t and pointer arguments are 64-bit words)."""
+    return types.int64(types.int64, types.int64, types.int64), _c_call_codegen(2)
+
+
+@intrinsic
+def _c_call5(typingctx, address, a, b, c, d, e):  # pragma: no cover - compiled
+    """int64 f(int64, int64, int64, int64, int64) at `address`."""
+    i8 = types.int64
+    return i8(i8, i8, i8, i8, i8, i8), _c_call_codegen(5)
+
+
+@njit(**_JIT)
+def _unzstd_block(buf, offset, length, checksum, verify, c_functions, out):  # pragma: no cover
+    """The block buf[offset:offset+length]: its xxh3 checked when `verify`, then its one
+    zstd frame decoded into all of `out`. False when the checksum differs, the block is not
+    exactly one zstd frame (a skippable frame is not one), or the frame does not declare
+    exactly len(out) bytes or does not decode to them. zstd writes at most len(out) bytes
+    whatever the frame says."""
+    dctx, decompress, content_size, frame_size, xxh3 = (
+        c_functions[0],
+        c_functions[1],
+        c_functions[2],
+        c_functions[3],
+        c_functions[4],
+    )
+    src = np.int64(buf.ctypes.data) + offset
+    if verify and _c_call2(xxh3, src, length) != checksum:
+        return False
+    if length < 4 or buf[offset] != 0x28 or buf[offset + 1] != 0xB5:
+        return False  # a zstd frame's magic number, not a skippable frame's (RFC 8878)
+    if buf[offset + 2] != 0x2F or buf[offset + 3] != 0xFD:
+        return False
+    if _c_call2(frame_size, src, length) != length:  # also negative for an error code
+        return False
+    size = out.shape[0]
+    if _c_call2(content_size, src, length) != size:  # -1 unknown, -2 error
+        return False
+    got = _c_call5(decompress, dctx, np.int64(out.ctypes.data), size, src, length)
+    return got == size  # an error code is negative as int64
+
+
+@njit(**_JIT)
+def decode_default_chunk(
+    buf,
+    blocks,
+    checksums,
+    verified,
+    c_functions,
+    k,
+    all_positions,
+    teacher_rows,
+    lengths,
+    input_planes,
+    mask,
+    topk_planes,
+    logprob_planes,
+    sid_lengths,
+    sid_bytes,
+    input_ids,
+    topk_ids,
+    logprobs,
+    token_starts,
+    target_starts,
+):  # pragma: no cover - compiled
+    """A chunk written with the default pipelines decoded in one call without the GIL: every
+    block's checksum (where `verified` is 0) and zstd frame, then record_starts, the two id
+    unshuffles and the logprob key-delta decode. A scan's threads then take the GIL once a
+    chunk, where the codec-by-codec path takes it some twenty times. Without `teacher_rows`
+    the teacher columns stop at their planes (zstd undone), for a random read to decode one
+    record's rows of them.
+
+    `blocks` is the chunk's [offset, length, raw_length] per column in COLUMN_ORDER, flat
+    (offset -1: absent), `checksums` their xxh3 as int64. The planes arrays receive what zstd
+    decodes and are sized exactly by the caller from the chunk's counts (native.py); the
+    caller checked every offset against the file. Returns 0, or a DEFAULT_CHUNK_* code: the
+    caller then decodes the chunk codec by codec, which names what is wrong."""
+    staged = (lengths.view(np.uint8), input_planes, mask, topk_planes, logprob_planes)
+    for column in range(5):
+        offset, length = blocks[3 * column], blocks[3 * column + 1]
+        verify = verified[column] == 0
+        if not _unzstd_block(
+            buf, offset, length, checksums[column], verify, c_functions, staged[column]
+        ):
+            return DEFAULT_CHUNK_BAD_BLOCK
+    for column, out in ((5, sid_lengths.view(np.uint8)), (6, sid_bytes)):
+        offset, length = blocks[3 * column], blocks[3 * column + 1]
+        if offset < 0:
+            continue
+        verify = verified[column] == 0
+        if not _unzstd_block(buf, offset, length, checksums[column], verify, c_functions, out):
+            return DEFAULT_CHUNK_BAD_BLOCK
+    if record_starts(lengths, mask, all_positions, token_starts, target_starts):
+        return DEFAULT_CHUNK_BAD_RECORDS
+    status = unshuffle_ids_auto(input_planes, input_ids.shape[0], input_ids)
+    if not teacher_rows:
+        return DEFAULT_CHUNK_BAD_BLOCK if status < 0 else DEFAULT_CHUNK_WIDE_IDS * status
+    if status == 0:
+        status = unshuffle_ids_auto(topk_planes, topk_ids.shape[0], topk_ids)
+    if status < 0:
+        return DEFAULT_CHUNK_BAD_BLOCK
+    if status > 0:
+        return DEFAULT_CHUNK_WIDE_IDS
+    n = logprobs.shape[0]
+    fp16_key_delta_planes(logprob_planes[:n], logprob_planes[n:], k, logprobs)
+    return 0
 
 
 # -- rANS entropy coding (spec/FORMAT.md section 6.8) ----------------------------------------

@@ -106,6 +106,12 @@ def read_kernels(nbytes: int):
     return kernels()
 
 
+def ready_kernels():
+    """The compiled kernels, else numba's if this process has loaded them, else None: which
+    kernels a read can use without loading numba or counting toward JIT_AFTER_BYTES."""
+    return compiled_kernels() or _KERNELS
+
+
 class CodecError(CorruptCacheError):
     """Stored bytes that a codec cannot decode to the size the footer promises."""
 
@@ -1235,6 +1241,24 @@ class Pipeline:
         if any(unit % codec.range_unit() for codec in [*local, gather]):
             return None
         buf = before.decode_bytes(data, gather.max_encoded_size(decoded_size))
+        gather.check_whole(buf, decoded_size)
+        return StagedBlock(buf, decoded_size, unit, gather, local)
+
+    def stage_unzipped(self, buf: np.ndarray, decoded_size: int, unit: int):
+        """`stage` of a block whose stages before the range decoding are undone already: a
+        zstd frame that native.py decoded. None when this pipeline does not stage so."""
+        if self._range_plan is None:
+            return None
+        local, gather, before = self._range_plan
+        if [type(codec) for codec in before.codecs] != [Zstd]:
+            return None
+        if any(unit % codec.range_unit() for codec in [*local, gather]):
+            return None
+        if buf.size != gather.max_encoded_size(decoded_size):
+            raise CodecError(
+                f"{buf.size} bytes before {gather.codec_id}, expected "
+                f"{gather.max_encoded_size(decoded_size)}"
+            )
         gather.check_whole(buf, decoded_size)
         return StagedBlock(buf, decoded_size, unit, gather, local)
 

@@ -58,6 +58,13 @@ DECODERS: dict[str, tuple[str, tuple]] = {
     "int32_delta_decode": ("void", (_I4, _I4)),
     "varint_decode": ("i8", (_U1, _U4)),
     "fp16_grid_decode": ("i8", (_U4, int, _U2, _U2)),
+    # buf, blocks, checksums, verified, C functions, k, all positions, teacher rows, then what
+    # it fills
+    "decode_default_chunk": (
+        "i8",
+        (_U1, _I8, _I8, _U1, _I8, int, bool, bool, _I4, _U1, _U1, _U1, _U1, _I4, _U1)
+        + (_U4, _U4, _U2, _I8, _I8),
+    ),
 }
 
 # How _pycc_options compiles them (part of the key: a module built otherwise is not loaded).

@@ -19,14 +19,21 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from . import _numpy_kernels
+from . import _numpy_kernels, native
 from ._numpy_kernels import (
     RECORD_STARTS_BAD_LENGTHS,
     RECORD_STARTS_BAD_MASK,
     RECORD_STARTS_MASKED_FIRST,
     RECORD_STARTS_OK,
 )
-from .codecs import CodecError, Pipeline, StagedBlock, aligned_view, read_kernels
+from .codecs import (
+    CodecError,
+    Pipeline,
+    StagedBlock,
+    aligned_view,
+    read_kernels,
+    ready_kernels,
+)
 from .directory import COLUMN_INDEX, COLUMN_ORDER, ChunkDirectory
 from .format import (
     BLOCK_ALIGN,
@@ -457,6 +464,9 @@ class ShardFile:
         self.chunks = directory
         # Chunks whose every block is verified (directory.verified, a flag a chunk).
         self._chunk_verified = bytearray(directory.verified.all(axis=1).tobytes())
+        # Default pipelines decode a chunk in one call (native.py) where it can.
+        configs = {name: pipeline.get_config() for name, pipeline in self.pipelines.items()}
+        self._in_one_call = native.fits(configs, self.k)
         self.chunk_starts = np.concatenate([[0], np.cumsum(self.chunks.counts[:, 0])])
 
     def _parse_chunk(self, index: int, chunk) -> dict:
@@ -622,6 +632,21 @@ class ShardFile:
         the result's `rows` (a random read decodes one record's rows, not all of them).
         """
         r, t, n = self.chunks.counts[index].tolist()
+        if self._in_one_call:
+            whole = native.decode_default_chunk(
+                ready_kernels(),
+                self.buf,
+                self.chunks.blocks[index],
+                self.chunks.checksums[index],
+                self.chunks.verified[index],
+                (r, t, n),
+                self.k,
+                self.positions == POSITIONS_ALL,
+                # A chunk of one record: its rows are all the record's, decode them here.
+                teacher_rows=not rows_on_demand or r == 1,
+            )
+            if whole is not None:
+                return self._decoded_in_one_call(index, whole, n)
         blocks = self._verified_blocks(index)
         lengths = self._column(index, COL_RECORD_LENGTHS, blocks)
         mask_u8 = self._column(index, COL_LOSS_MASK, blocks)
@@ -643,7 +668,27 @@ class ShardFile:
         topk_ids = self._teacher_column(index, COL_TOPK_IDS, n, blocks, rows_on_demand)
         sample_ids = None
         if self.chunks.has(index, COL_SAMPLE_ID_LENGTHS):
-            sample_ids = self._sample_ids(index, r, blocks)
+            sample_ids = self._sample_ids(
+                index,
+                self._column(index, COL_SAMPLE_ID_LENGTHS, blocks),
+                self._column(index, COL_SAMPLE_ID_BYTES, blocks),
+            )
+        columns = (input_ids, loss_mask, topk_ids, topk_logprobs)
+        return self._assemble(index, token_starts, target_starts, *columns, sample_ids)
+
+    def _assemble(
+        self,
+        index: int,
+        token_starts: np.ndarray,
+        target_starts: np.ndarray,
+        input_ids: np.ndarray,
+        loss_mask: np.ndarray,
+        topk_ids,
+        topk_logprobs,
+        sample_ids: list[str | None] | None,
+    ) -> DecodedChunk:
+        """The DecodedChunk of checked columns, read-only; teacher columns decoded whole or
+        staged (their rows decoded on demand)."""
         for array in (input_ids, loss_mask, topk_ids, topk_logprobs):
             if isinstance(array, np.ndarray):
                 array.flags.writeable = False
@@ -665,11 +710,52 @@ class ShardFile:
             rows,
         )
 
-    def _sample_ids(self, index: int, r: int, blocks: list) -> list[str | None]:
+    def _decoded_in_one_call(self, index: int, whole: native.DefaultChunk, n: int):
+        """The DecodedChunk of what native.decode_default_chunk decoded, with the checks its
+        kernels leave to Python (the same as the codec-by-codec path's). Teacher columns left
+        as planes are staged, to be decoded a record's rows at a time."""
+        self.chunks.verified[index] = True
+        self._chunk_verified[index] = 1
+        if whole.target_starts[-1] != n:
+            self._fail(
+                f"loss_mask selects {whole.target_starts[-1]} targets, footer says {n}", index
+            )
+        self._check_ids(index, COL_INPUT_IDS, whole.input_ids)
+        sample_ids = None
+        if whole.sample_id_lengths is not None:
+            sample_ids = self._sample_ids(index, whole.sample_id_lengths, whole.sample_id_bytes)
+        if whole.topk_ids is not None:
+            topk_ids = whole.topk_ids.reshape(n, self.k)
+            topk_logprobs = whole.topk_logprobs.reshape(n, self.k)
+            self._check_ids(index, COL_TOPK_IDS, whole.topk_ids)
+        else:
+            topk_ids = self._stage_planes(index, COL_TOPK_IDS, whole.topk_planes, n)
+            topk_logprobs = self._stage_planes(index, COL_TOPK_LOGPROBS, whole.logprob_planes, n)
+        columns = (whole.input_ids, whole.loss_mask.view(np.bool_), topk_ids, topk_logprobs)
+        return self._assemble(index, whole.token_starts, whole.target_starts, *columns, sample_ids)
+
+    def _stage_planes(self, index: int, name: str, planes: np.ndarray, n: int):
+        """A teacher column's planes (its zstd frame decoded) staged for rows, or decoded
+        whole when its pipeline cannot decode by rows."""
+        dtype = COLUMN_DTYPES[name]
+        pipeline = self.pipelines[name]
+        size, unit = n * self.k * dtype.itemsize, self.k * dtype.itemsize
+        try:
+            staged = pipeline.stage_unzipped(planes, size, unit)
+            if staged is not None:
+                return staged
+            values = aligned_view(pipeline.finish(planes, size), dtype).reshape(n, self.k)
+        except CodecError as exc:
+            self._fail(f"column {name}: {exc}", index)
+        if name == COL_TOPK_IDS:
+            self._check_ids(index, name, values)
+        return values
+
+    def _sample_ids(self, index: int, lengths: np.ndarray, data: np.ndarray) -> list[str | None]:
         # Checked as Python ints: a chunk holds a few records, where each numpy call would
         # cost more than the whole list.
-        sid_lengths = self._column(index, COL_SAMPLE_ID_LENGTHS, blocks).tolist()
-        sid_bytes = self._column(index, COL_SAMPLE_ID_BYTES, blocks).tobytes()
+        sid_lengths = lengths.tolist()
+        sid_bytes = data.tobytes()
         if min(sid_lengths) < -1 or max(sid_lengths) > MAX_SAMPLE_ID_BYTES:
             self._fail("sample_id length out of range", index)
         if sum(length for length in sid_lengths if length > 0) != len(sid_bytes):

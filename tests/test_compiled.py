@@ -128,9 +128,10 @@ def test_compiled_decoders_give_back_ranges_of_rows(pipeline, rows, kernel, n, d
 
 
 def test_every_decoder_is_covered_by_the_round_trips():
-    # record_starts: test_record_starts_of_all_three_kernel_sets, and every cache read.
+    # record_starts: test_record_starts_of_all_three_kernel_sets, and every cache read;
+    # decode_default_chunk: test_native_decode.py, compiled and numba's.
     kernels = {kernel for _, _, kernel in ROUND_TRIPS + RANGE_ROUND_TRIPS}
-    assert kernels | {"record_starts"} == set(compiled.DECODERS)
+    assert kernels | {"record_starts", "decode_default_chunk"} == set(compiled.DECODERS)
 
 
 @pytest.mark.parametrize("all_positions", [False, True])

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from logitcache import CacheWriter, codecs, open_cache, shard
+from logitcache import CacheWriter, codecs, native, open_cache, shard
 from logitcache import _kernels as jit
 from logitcache import _numpy_kernels as npk
 from logitcache.codecs import ByteBitShuffle, CodecError, Fp16KeyDelta, Shuffle
@@ -212,6 +212,7 @@ def test_short_reads_use_numpy_and_long_ones_switch_to_numba(small_cache):
 
 
 def test_a_block_is_hashed_once_per_process_but_verify_hashes_all(small_cache, monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")  # hashing in Python, where it can be counted
     calls: list[int] = []
     hashing = shard.xxhash
 
@@ -238,6 +239,25 @@ def test_a_block_is_hashed_once_per_process_but_verify_hashes_all(small_cache, m
             for c in cache.shard_file(s).chunks
         )
         assert len(calls) == blocks  # a full verification still checks every block
+
+
+def test_a_chunk_decoded_in_one_call_is_hashed_once_per_process(small_cache, monkeypatch):
+    monkeypatch.setattr(codecs, "_KERNELS", codecs.kernels())  # numba's: the one-call path
+    hashed: list[list[bool]] = []  # per call, which blocks the kernel was told to hash
+    real = native.decode_default_chunk
+
+    def spy(kernels, buf, blocks, checksums, verified, *rest, **kwargs):
+        hashed.append((~verified & (blocks[:, 0] >= 0)).tolist())
+        return real(kernels, buf, blocks, checksums, verified, *rest, **kwargs)
+
+    monkeypatch.setattr(native, "decode_default_chunk", spy)
+    with open_cache(small_cache, chunk_cache_size=1) as cache:
+        shard_file = cache.shard_file(0)
+        first = shard_file.decode_chunk(0)
+        again = shard_file.decode_chunk(0)
+        assert np.array_equal(first.topk_ids, again.topk_ids)
+    assert sum(hashed[0]) == len(shard_file.chunks[0]["blocks"])  # every block, once
+    assert sum(hashed[1]) == 0
 
 
 def test_a_damaged_block_is_caught_on_first_read(small_cache, tmp_path):
