@@ -391,6 +391,11 @@ def self_check(kernels: SimpleNamespace) -> None:
     kernels.byte_unshuffle(shuffled, 2, out)
     if not np.array_equal(out, npk.byte_unshuffle(shuffled, 2)):
         problems.append("byte_unshuffle")
+    from . import native
+
+    one_call = native.self_check(kernels)
+    if one_call:
+        problems.append(one_call)
     if problems:
         raise CompiledKernelsError(
             f"the compiled kernels disagree with the numpy kernels ({', '.join(problems)}); "

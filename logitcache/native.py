@@ -303,3 +303,63 @@ def decode_default_chunk(
         None if teacher_rows else topk_planes,
         None if teacher_rows else logprob_planes,
     )
+
+
+def self_check(kernels) -> str | None:
+    """Decode a chunk made here through `kernels`' decode_default_chunk and compare it with
+    what was encoded: what is wrong, or None (also None when there are no C functions, and so
+    no one-call path to check). compiled.self_check runs it on a freshly built module."""
+    from .codecs import default_pipelines
+
+    if c_functions() is None:
+        return None
+    rng = np.random.default_rng(0)
+    k, lengths = 5, np.array([3, 9, 4], dtype=np.int32)
+    r, t = lengths.size, int(lengths.sum())
+    mask = (rng.random(t) < 0.7).astype(np.uint8)
+    mask[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = 0
+    n = int(mask.sum())
+    columns = {
+        "record_lengths": lengths,
+        "input_ids": rng.integers(0, 1 << 17, t).astype(np.int32),
+        "loss_mask": mask,
+        "topk_ids": rng.integers(0, 1 << 17, n * k).astype(np.int32),
+        "topk_logprobs": rng.integers(0, 1 << 16, n * k).astype(np.uint16).view(np.float16),
+    }
+    pipelines = default_pipelines(k)
+    buf, blocks = bytearray(b"\0" * 8), np.full((len(COLUMN_ORDER), 3), -1, dtype=np.int64)
+    checksums = np.zeros(len(COLUMN_ORDER), dtype=np.uint64)
+    for column, name in enumerate(COLUMN_ORDER):
+        if name in columns:
+            block = pipelines[name].encode(columns[name])
+            blocks[column] = (len(buf), len(block), columns[name].nbytes)
+            checksums[column] = xxhash.xxh3_64_intdigest(block)
+            buf += block
+    verified = blocks[:, 0] < 0
+    decoded = decode_default_chunk(
+        kernels,
+        np.frombuffer(bytes(buf), dtype=np.uint8),
+        blocks,
+        checksums,
+        verified,
+        (r, t, n),
+        k,
+        False,
+    )
+    if decoded is None:
+        return "decode_default_chunk refused a chunk it should decode"
+    got = {
+        "record_lengths": decoded.lengths,
+        "input_ids": decoded.input_ids,
+        "loss_mask": decoded.loss_mask,
+        "topk_ids": decoded.topk_ids,
+        "topk_logprobs": decoded.topk_logprobs,
+    }
+    wrong = [
+        name
+        for name, values in columns.items()
+        if got[name].view(np.uint8).tobytes() != values.view(np.uint8).tobytes()
+    ]
+    if wrong or decoded.target_starts[-1] != n:
+        return f"decode_default_chunk decoded {', '.join(wrong) or 'the offsets'} wrong"
+    return None

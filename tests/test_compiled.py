@@ -303,6 +303,17 @@ def test_self_check_refuses_kernels_that_disagree(compiled_decoders):
         compiled.self_check(broken)
 
 
+def test_self_check_decodes_a_chunk_in_one_call(compiled_decoders):
+    def wrong(*args):
+        status = compiled_decoders.decode_default_chunk(*args)
+        args[-4][0] ^= 1  # the first top-k id
+        return status
+
+    one_call = {**vars(compiled_decoders), "decode_default_chunk": wrong}
+    with pytest.raises(compiled.CompiledKernelsError, match="topk_ids wrong"):
+        compiled.self_check(type(compiled_decoders)(**one_call))
+
+
 @pytest.fixture(scope="module")
 def wide_cache(tmp_path_factory) -> str:
     """A cache whose ids need the id decoder's fast path and its generic kernel."""

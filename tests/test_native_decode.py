@@ -146,3 +146,8 @@ def test_each_thread_has_its_own_zstd_context():
     worker.join()
     assert tables[0][0] != tables[1][0]  # the context
     assert tables[0][1:].tolist() == tables[1][1:].tolist()  # the same functions
+
+
+def test_the_self_check_passes_numba_and_compiled_kernels(compiled_decoders):
+    assert native.self_check(codecs.kernels()) is None
+    assert native.self_check(compiled_decoders) is None
