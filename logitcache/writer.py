@@ -75,10 +75,11 @@ def _exp_table() -> np.ndarray:
 # Decoded bytes after which a chunk is closed. A random read unzips and checksums its whole
 # chunk (then decodes its record's rows), so small chunks make single reads cheap: at 256 KiB
 # a chunk holds one record of ~1,000 tokens (K=100) or a few short ones. Each chunk also costs
-# a scan a fixed amount (seven zstd frames, their checksums, Python, and the read-ahead
-# threads' turns at the GIL). Against 2 MiB chunks, on bench_loader's records: random reads
-# 2.7x as fast, scans 0.84x as fast on one thread and about half as fast with read-ahead,
-# files 0.5% larger (benchmarks/bench_chunking.py, which also measures 64 KiB to 512 KiB).
+# a scan a fixed amount (seven zstd frames and their checksums, the Python around the one
+# call that decodes them, and the read-ahead threads' turns at the GIL). Against 2 MiB chunks,
+# on bench_loader's records: random reads 2.6x as fast, scans 0.88x as fast on one thread and
+# 0.81x with read-ahead, files 0.5% larger (benchmarks/bench_chunking.py, which also measures
+# 64 KiB to 512 KiB).
 DEFAULT_CHUNK_BYTES = 256 << 10
 DEFAULT_SHARD_BYTES = 256 << 20
 
