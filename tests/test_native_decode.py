@@ -135,17 +135,28 @@ def test_default_pipelines_fit_at_any_zstd_level_and_others_do_not():
     assert not native.fits(defaults, SMALL_K + 1)  # the key-delta rows are K long
 
 
-def test_each_thread_has_its_own_zstd_context():
+def test_each_thread_has_its_own_zstd_context_freed_with_the_thread():
+    import dataclasses
+    import gc
     import threading
 
     functions = native.c_functions()
     assert functions is not None, "zstandard's and xxhash's libraries export their C API"
+    freed = []
+
+    def free(dctx):
+        freed.append(dctx)
+        return functions.free_dctx(dctx)
+
+    counting = dataclasses.replace(functions, free_dctx=free)
     tables = [native._thread_table(functions)]
-    worker = threading.Thread(target=lambda: tables.append(native._thread_table(functions)))
+    worker = threading.Thread(target=lambda: tables.append(native._thread_table(counting)))
     worker.start()
     worker.join()
+    gc.collect()
     assert tables[0][0] != tables[1][0]  # the context
     assert tables[0][1:].tolist() == tables[1][1:].tolist()  # the same functions
+    assert freed == [tables[1][0]]  # the worker's, when it ended
 
 
 def test_the_self_check_passes_numba_and_compiled_kernels(compiled_decoders):
