@@ -14,6 +14,9 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ._numpy_kernels import (
+    DEFAULT_CHUNK_BAD_BLOCK,
+    DEFAULT_CHUNK_BAD_RECORDS,
+    DEFAULT_CHUNK_WIDE_IDS,
     RECORD_STARTS_BAD_LENGTHS,
     RECORD_STARTS_BAD_MASK,
     RECORD_STARTS_MASKED_FIRST,
@@ -513,10 +516,6 @@ def record_starts(lengths, mask, all_positions, token_starts, target_starts):  #
 # zstd and xxh3 are called through the addresses native.py passes in, not through names bound
 # at compile time: the same code then runs from numba's on-disk cache and from the module
 # compiled ahead of time, in processes whose libraries load at other addresses.
-
-DEFAULT_CHUNK_BAD_BLOCK = 1  # a checksum, frame or size did not check out: decode it slowly
-DEFAULT_CHUNK_BAD_RECORDS = 2  # record_starts refused the lengths or the loss mask
-DEFAULT_CHUNK_WIDE_IDS = 3  # ids with more than two high bit planes: the generic decoder
 
 
 def _c_call_codegen(arity):

@@ -17,6 +17,11 @@ RECORD_STARTS_BAD_LENGTHS = 1  # a record length below 1, or lengths not summing
 RECORD_STARTS_BAD_MASK = 2  # a loss_mask value other than 0 and 1
 RECORD_STARTS_MASKED_FIRST = 3  # loss_mask true at a record's first token
 
+# Why _kernels.decode_default_chunk handed a chunk back (native.py decodes it codec by codec).
+DEFAULT_CHUNK_BAD_BLOCK = 1  # a checksum, frame or size did not check out
+DEFAULT_CHUNK_BAD_RECORDS = 2  # record_starts refused the lengths or the loss mask
+DEFAULT_CHUNK_WIDE_IDS = 3  # ids with more than two high bit planes: the generic decoder
+
 
 def byte_unshuffle(src: np.ndarray, elementsize: int) -> np.ndarray:
     """Inverse of `shuffle`: byte planes back to elements (uint8 in, uint8 out)."""

@@ -30,10 +30,13 @@ import numpy as np
 import xxhash
 import zstandard
 
+from ._numpy_kernels import DEFAULT_CHUNK_WIDE_IDS
 from .codecs import default_pipeline_configs
 from .directory import COLUMN_ORDER
 
 ENV_SWITCH = "LOGITCACHE_NATIVE_DECODE"
+NOT_TRIED = -1  # decode_default_chunk did not call the kernel
+WIDE_IDS = DEFAULT_CHUNK_WIDE_IDS  # the chunk's ids need more bit planes than it decodes
 
 _ZSTD_SYMBOLS = (
     "ZSTD_createDCtx",
@@ -233,10 +236,10 @@ def decode_default_chunk(
     k: int,
     all_positions: bool,
     teacher_rows: bool = True,
-) -> DefaultChunk | None:
-    """One chunk of default pipelines through kernels.decode_default_chunk, or None when it
-    cannot be decoded so (no C functions, a size that does not match the counts, or any
-    problem the call found): the caller then decodes it codec by codec.
+) -> DefaultChunk | int:
+    """One chunk of default pipelines through kernels.decode_default_chunk, or why it was not
+    decoded so, for the caller to decode it codec by codec: NOT_TRIED (no C functions, or a
+    size that does not match the counts), WIDE_IDS, or another of the kernel's codes.
 
     `blocks` is the chunk's [7, 3] directory rows (offsets already checked against the file),
     `checksums` [7] uint64, `verified` [7] bool, `counts` its (R, T, n). Without
@@ -245,15 +248,15 @@ def decode_default_chunk(
     functions = c_functions()
     decode = getattr(kernels, "decode_default_chunk", None)
     if functions is None or decode is None:
-        return None
+        return NOT_TRIED
     r, t, n = counts
     raw = blocks[:, 2].tolist()
     present = (blocks[:, 0] >= 0).tolist()
     expected = (4 * r, 4 * t, t, 4 * n * k, 2 * n * k)
     if not all(present[:5]) or tuple(raw[:5]) != expected:
-        return None
+        return NOT_TRIED
     if present[5] != present[6] or (present[5] and raw[5] != 4 * r):
-        return None
+        return NOT_TRIED
     lengths = np.empty(r, dtype=np.int32)
     mask = np.empty(t, dtype=np.uint8)
     input_planes, topk_planes = _planes(t), _planes(n * k)
@@ -289,7 +292,7 @@ def decode_default_chunk(
         target_starts,
     )
     if status != 0:
-        return None
+        return status
     return DefaultChunk(
         lengths,
         input_ids.view(np.int32),
@@ -346,8 +349,8 @@ def self_check(kernels) -> str | None:
         k,
         False,
     )
-    if decoded is None:
-        return "decode_default_chunk refused a chunk it should decode"
+    if not isinstance(decoded, DefaultChunk):
+        return f"decode_default_chunk refused a chunk it should decode (status {decoded})"
     got = {
         "record_lengths": decoded.lengths,
         "input_ids": decoded.input_ids,

@@ -645,8 +645,10 @@ class ShardFile:
                 # A chunk of one record: its rows are all the record's, decode them here.
                 teacher_rows=not rows_on_demand or r == 1,
             )
-            if whole is not None:
+            if isinstance(whole, native.DefaultChunk):
                 return self._decoded_in_one_call(index, whole, n)
+            if whole == native.WIDE_IDS:
+                self._in_one_call = False  # its other chunks would be decoded twice too
         blocks = self._verified_blocks(index)
         lengths = self._column(index, COL_RECORD_LENGTHS, blocks)
         mask_u8 = self._column(index, COL_LOSS_MASK, blocks)

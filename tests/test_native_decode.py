@@ -22,10 +22,10 @@ class Calls:
 
         def spy(*args, **kwargs):
             got = real(*args, **kwargs)
-            if got is None:
-                self.handed_back += 1
-            else:
+            if isinstance(got, native.DefaultChunk):
                 self.decoded += 1
+            else:
+                self.handed_back += 1
             return got
 
         monkeypatch.setattr(native, "decode_default_chunk", spy)
@@ -89,14 +89,18 @@ def test_without_the_c_functions_chunks_decode_codec_by_codec(tmp_path, monkeypa
 def test_ids_on_more_than_two_bit_planes_are_handed_back_and_decoded(
     tmp_path, monkeypatch, numba_kernels
 ):
-    """Ids at and above 2**18 use more high bit planes than the one-call path decodes."""
+    """Ids at and above 2**18 use more high bit planes than the one-call path decodes: the
+    first chunk that has them is handed back, and its shard's other chunks are not tried."""
     vocab = 1 << 21
-    records = make_records(6, vocab_size=vocab, seed=6)
+    records = make_records(12, vocab_size=vocab, seed=6)
     assert max(int(r["topk_ids"].max()) for r in records) >= 1 << 19
-    write_cache(tmp_path / "c", records, k=SMALL_K, vocab_size=vocab)
+    write_cache(tmp_path / "c", records, k=SMALL_K, vocab_size=vocab, chunk_bytes=1500)
     calls = Calls(monkeypatch)
+    with open_cache(str(tmp_path / "c")) as cache:
+        assert len(cache.manifest.shards) == 1 and len(cache.shard_file(0).chunks) > 2
     assert_reads_give(tmp_path / "c", records)
-    assert calls.handed_back > 0
+    assert calls.decoded == 0
+    assert calls.handed_back == 1  # the first chunk the shard decoded; none after it
 
 
 @pytest.mark.parametrize("random_read", [False, True])
