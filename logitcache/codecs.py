@@ -1235,30 +1235,35 @@ class Pipeline:
         check of it, so that StagedBlock.decode_range(a, b) decodes bytes [a, b) alone, for
         a and b multiples of `unit`: a random read of one record decodes its rows, not its
         chunk's. None when this pipeline cannot decode by ranges of `unit` bytes."""
-        if self._range_plan is None:
+        if not self._stages_by(unit):
             return None
-        local, gather, before = self._range_plan
-        if any(unit % codec.range_unit() for codec in [*local, gather]):
-            return None
+        _, gather, before = self._range_plan
         buf = before.decode_bytes(data, gather.max_encoded_size(decoded_size))
-        gather.check_whole(buf, decoded_size)
-        return StagedBlock(buf, decoded_size, unit, gather, local)
+        return self._staged(buf, decoded_size, unit)
 
     def stage_unzipped(self, buf: np.ndarray, decoded_size: int, unit: int):
         """`stage` of a block whose stages before the range decoding are undone already: a
         zstd frame that native.py decoded. None when this pipeline does not stage so."""
-        if self._range_plan is None:
+        if not self._stages_by(unit) or [type(c) for c in self._range_plan[2].codecs] != [Zstd]:
             return None
-        local, gather, before = self._range_plan
-        if [type(codec) for codec in before.codecs] != [Zstd]:
-            return None
-        if any(unit % codec.range_unit() for codec in [*local, gather]):
-            return None
+        gather = self._range_plan[1]
         if buf.size != gather.max_encoded_size(decoded_size):
             raise CodecError(
                 f"{buf.size} bytes before {gather.codec_id}, expected "
                 f"{gather.max_encoded_size(decoded_size)}"
             )
+        return self._staged(buf, decoded_size, unit)
+
+    def _stages_by(self, unit: int) -> bool:
+        """Whether this pipeline decodes byte ranges that are multiples of `unit`."""
+        if self._range_plan is None:
+            return False
+        local, gather, _ = self._range_plan
+        return not any(unit % codec.range_unit() for codec in [*local, gather])
+
+    def _staged(self, buf: np.ndarray, decoded_size: int, unit: int) -> StagedBlock:
+        """The StagedBlock of `buf`, what the range-decoding step gets, once checked whole."""
+        local, gather, _ = self._range_plan
         gather.check_whole(buf, decoded_size)
         return StagedBlock(buf, decoded_size, unit, gather, local)
 

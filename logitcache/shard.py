@@ -736,22 +736,17 @@ class ShardFile:
         columns = (whole.input_ids, whole.loss_mask.view(np.bool_), topk_ids, topk_logprobs)
         return self._assemble(index, whole.token_starts, whole.target_starts, *columns, sample_ids)
 
-    def _stage_planes(self, index: int, name: str, planes: np.ndarray, n: int):
-        """A teacher column's planes (its zstd frame decoded) staged for rows, or decoded
-        whole when its pipeline cannot decode by rows."""
-        dtype = COLUMN_DTYPES[name]
-        pipeline = self.pipelines[name]
-        size, unit = n * self.k * dtype.itemsize, self.k * dtype.itemsize
+    def _stage_planes(self, index: int, name: str, planes: np.ndarray, n: int) -> StagedBlock:
+        """A teacher column's planes (its zstd frame decoded) staged for rows. The default
+        pipelines, the only ones decoded in one call (native.fits), stage by rows of any K."""
+        row = self.k * COLUMN_DTYPES[name].itemsize
         try:
-            staged = pipeline.stage_unzipped(planes, size, unit)
-            if staged is not None:
-                return staged
-            values = aligned_view(pipeline.finish(planes, size), dtype).reshape(n, self.k)
+            staged = self.pipelines[name].stage_unzipped(planes, n * row, row)
         except CodecError as exc:
             self._fail(f"column {name}: {exc}", index)
-        if name == COL_TOPK_IDS:
-            self._check_ids(index, name, values)
-        return values
+        if staged is None:
+            raise RuntimeError(f"column {name}: pipeline {self.pipelines[name]} cannot stage rows")
+        return staged
 
     def _sample_ids(self, index: int, lengths: np.ndarray, data: np.ndarray) -> list[str | None]:
         # Checked as Python ints: a chunk holds a few records, where each numpy call would
